@@ -1,0 +1,51 @@
+# orderflow: `make run` serves the whole stack on embedded defaults; `make test` runs every test.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+# Dev values; a variable the caller sets in the environment wins over these.
+export WEBHOOK_SIGNING_SECRET ?= dev-only-webhook-secret
+export DATABASE_URL ?= sqlite+aiosqlite:///./.data/orderflow.db
+export ORDERFLOW_ENV ?= dev
+
+.PHONY: run test test-fast test-slow lint format migrate bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@ $(VENV)/.installed
+
+migrate: $(VENV)/.installed
+	$(BIN)/alembic upgrade head
+
+run: $(VENV)/.installed migrate
+	PATH="$(abspath $(BIN)):$$PATH" bash scripts/run-dev.sh
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy .
+
+test: $(VENV)/.installed-test lint
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest
+
+test-fast: $(VENV)/.installed-test
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -m "not slow"
+
+test-slow: $(VENV)/.installed-test
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -m slow
+
+format: $(VENV)/.installed-test
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf .data test-output

@@ -1,0 +1,115 @@
+"""The receipt e-mail: one message per order, recognisable by its stable Message-ID."""
+
+from __future__ import annotations
+
+from email.message import EmailMessage
+from email.utils import formatdate
+from typing import Protocol
+
+import aiosmtplib
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from temporalio import activity
+
+from activities.retry import Backoff, permanent
+from core.contracts import StepInput, StepResult
+from core.ledger import (
+    effect_key,
+    load_step,
+    mark_redrive_started,
+    record_failed_attempt,
+    record_success,
+)
+from core.models import Order, Step, StepStatus
+from core.settings import Settings
+
+STEP = Step.SEND_RECEIPT.value
+
+
+class Mailer(Protocol):
+    async def send(self, message: EmailMessage) -> None: ...
+
+
+def receipt_message_id(order_id: str, sender: str) -> str:
+    domain = sender.rpartition("@")[2] or "orderflow.localhost"
+    return f"<{effect_key(order_id, STEP).replace(':', '.')}@{domain}>"
+
+
+def build_receipt(order: Order, sender: str) -> EmailMessage:
+    message = EmailMessage()
+    message["From"] = sender
+    message["To"] = order.customer_email
+    message["Subject"] = f"Your order {order.id}"
+    message["Message-ID"] = receipt_message_id(order.id, sender)
+    message["Date"] = formatdate(localtime=False, usegmt=True)
+    lines = [f"Thank you for your order {order.id}.", ""]
+    for item in order.items:
+        line_total = item["quantity"] * item["unit_price_cents"]
+        lines.append(f"  {item['quantity']} x {item['sku']}  {_money(line_total, order.currency)}")
+    lines += ["", f"Total charged: {_money(order.amount_cents, order.currency)}", ""]
+    message.set_content("\n".join(lines))
+    return message
+
+
+def _money(cents: int, currency: str) -> str:
+    return f"{cents // 100}.{cents % 100:02d} {currency}"
+
+
+class ReceiptActivities:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        mailer: Mailer,
+        backoff: Backoff,
+        settings: Settings,
+    ) -> None:
+        self._sessions = sessions
+        self._mailer = mailer
+        self._backoff = backoff
+        self._sender = settings.RECEIPT_FROM
+
+    @activity.defn(name="send_receipt")
+    async def send_receipt(self, input: StepInput) -> StepResult:
+        attempt = activity.info().attempt
+        async with self._sessions.begin() as session:
+            if input.redrive_of is not None and attempt == 1:
+                await mark_redrive_started(session, input.redrive_of)
+            order, step = await load_step(session, input.order_id, STEP)
+            if step.status == StepStatus.SUCCEEDED:
+                return StepResult(input.order_id, STEP, "already_done")
+            message = build_receipt(order, self._sender)
+
+        try:
+            await self._mailer.send(message)
+        except aiosmtplib.SMTPRecipientsRefused as refused:
+            codes = [error.code for error in refused.recipients]
+            error = f"recipient refused: {'; '.join(str(e) for e in refused.recipients)}"
+            await record_failed_attempt(self._sessions, input.order_id, STEP, attempt, error)
+            if all(500 <= code < 600 for code in codes):
+                raise permanent(error, error_type="MailboxRejected") from refused
+            raise self._backoff.retryable(
+                error, error_type="MailboxBusy", attempt=attempt
+            ) from refused
+        except aiosmtplib.SMTPResponseException as response:
+            error = f"SMTP {response.code}: {response.message}"
+            await record_failed_attempt(self._sessions, input.order_id, STEP, attempt, error)
+            if 500 <= response.code < 600:
+                raise permanent(error, error_type="MailboxRejected") from response
+            raise self._backoff.retryable(
+                error, error_type="SmtpUnavailable", attempt=attempt
+            ) from response
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as failure:
+            error = f"SMTP unreachable: {type(failure).__name__}: {failure}"
+            await record_failed_attempt(self._sessions, input.order_id, STEP, attempt, error)
+            raise self._backoff.retryable(
+                error, error_type="SmtpUnavailable", attempt=attempt
+            ) from failure
+
+        async with self._sessions.begin() as session:
+            await record_success(
+                session,
+                input.order_id,
+                STEP,
+                attempt,
+                {"message_id": message["Message-ID"]},
+            )
+        return StepResult(input.order_id, STEP, "performed")

@@ -1,0 +1,77 @@
+"""How a failed side effect asks to be retried: capped exponential backoff with full jitter,
+`Retry-After` honoured, and permanent failures marked so Temporal does not retry them."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
+
+from temporalio.exceptions import ApplicationError
+
+from core.settings import Settings
+
+# Error types the workflow's RetryPolicy lists as non-retryable, so even an error raised without
+# the flag is never retried.
+PERMANENT_ERROR_TYPES = ("WarehouseRejected", "MailboxRejected", "OrderNotFound")
+
+
+class Backoff:
+    """Computes the wait before the next attempt; one per worker so the random source is shared."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._initial = settings.RETRY_INITIAL_INTERVAL_SECONDS
+        self._coefficient = settings.RETRY_BACKOFF_COEFFICIENT
+        self._cap = settings.RETRY_MAX_INTERVAL_SECONDS
+        self._jitter = settings.RETRY_JITTER
+        self._random = random.Random(settings.RETRY_JITTER_SEED)
+
+    def ceiling(self, attempt: int) -> float:
+        """The capped exponential delay after the given (1-based) attempt failed."""
+        exponent = max(attempt - 1, 0)
+        # Bounded before the power so a large attempt number cannot overflow a float.
+        if exponent > 64:
+            return self._cap
+        return float(min(self._cap, self._initial * self._coefficient**exponent))
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> timedelta:
+        ceiling = self.ceiling(attempt)
+        seconds = self._random.uniform(0, ceiling) if self._jitter == "full" else ceiling
+        if retry_after is not None:
+            # The server told us when it can take the call again; jitter must not undercut it.
+            seconds = max(seconds, min(retry_after, self._cap))
+        return timedelta(seconds=seconds)
+
+    def retryable(
+        self,
+        message: str,
+        *,
+        error_type: str,
+        attempt: int,
+        retry_after: float | None = None,
+    ) -> ApplicationError:
+        return ApplicationError(
+            message,
+            type=error_type,
+            next_retry_delay=self.delay(attempt, retry_after),
+        )
+
+
+def permanent(message: str, *, error_type: str) -> ApplicationError:
+    return ApplicationError(message, type=error_type, non_retryable=True)
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a `Retry-After` header: either delta-seconds or an HTTP date."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max((when - (now or datetime.now(UTC))).total_seconds(), 0.0)

@@ -1,0 +1,103 @@
+"""The warehouse webhook: a signed POST per order that the warehouse can deduplicate by key."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from temporalio import activity
+
+from activities.retry import Backoff, parse_retry_after, permanent
+from core.contracts import StepInput, StepResult
+from core.ledger import (
+    effect_key,
+    load_step,
+    mark_redrive_started,
+    record_failed_attempt,
+    record_success,
+)
+from core.models import Order, Step, StepStatus
+from core.settings import Settings
+from core.signing import SIGNATURE_HEADER, sign
+
+STEP = Step.NOTIFY_WAREHOUSE.value
+# Statuses that can succeed later; any other 4xx means the request itself is wrong.
+RETRYABLE_CLIENT_ERRORS = frozenset({408, 425, 429})
+RETRY_AFTER_STATUSES = frozenset({429, 503})
+
+
+def warehouse_payload(order: Order) -> dict[str, Any]:
+    return {
+        "event": "order.placed",
+        "order_id": order.id,
+        "currency": order.currency,
+        "amount_cents": order.amount_cents,
+        "items": [{"sku": item["sku"], "quantity": item["quantity"]} for item in order.items],
+        "placed_at": order.created_at.isoformat(),
+    }
+
+
+class WarehouseActivities:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        http: httpx.AsyncClient,
+        backoff: Backoff,
+        settings: Settings,
+    ) -> None:
+        self._sessions = sessions
+        self._http = http
+        self._backoff = backoff
+        self._url = settings.WAREHOUSE_WEBHOOK_URL
+        self._secret = settings.webhook_secret
+        self._timeout = settings.WEBHOOK_TIMEOUT_SECONDS
+
+    @activity.defn(name="notify_warehouse")
+    async def notify_warehouse(self, input: StepInput) -> StepResult:
+        attempt = activity.info().attempt
+        async with self._sessions.begin() as session:
+            if input.redrive_of is not None and attempt == 1:
+                await mark_redrive_started(session, input.redrive_of)
+            order, step = await load_step(session, input.order_id, STEP)
+            if step.status == StepStatus.SUCCEEDED:
+                return StepResult(input.order_id, STEP, "already_done")
+            body = json.dumps(warehouse_payload(order), separators=(",", ":")).encode()
+
+        headers = {
+            "Content-Type": "application/json",
+            "Idempotency-Key": effect_key(input.order_id, STEP),
+            SIGNATURE_HEADER: sign(self._secret, body),
+        }
+        try:
+            response = await self._http.post(
+                self._url, content=body, headers=headers, timeout=self._timeout
+            )
+        except httpx.HTTPError as failure:
+            error = f"warehouse unreachable: {type(failure).__name__}: {failure}"
+            await record_failed_attempt(self._sessions, input.order_id, STEP, attempt, error)
+            raise self._backoff.retryable(
+                error, error_type="WarehouseUnavailable", attempt=attempt
+            ) from failure
+
+        if response.is_success:
+            async with self._sessions.begin() as session:
+                await record_success(
+                    session, input.order_id, STEP, attempt, {"http_status": response.status_code}
+                )
+            return StepResult(input.order_id, STEP, "performed")
+
+        error = f"warehouse answered {response.status_code}: {response.text[:200]}"
+        await record_failed_attempt(self._sessions, input.order_id, STEP, attempt, error)
+        status = response.status_code
+        if 400 <= status < 500 and status not in RETRYABLE_CLIENT_ERRORS:
+            raise permanent(error, error_type="WarehouseRejected")
+        retry_after = (
+            parse_retry_after(response.headers.get("Retry-After"))
+            if status in RETRY_AFTER_STATUSES
+            else None
+        )
+        raise self._backoff.retryable(
+            error, error_type="WarehouseUnavailable", attempt=attempt, retry_after=retry_after
+        )

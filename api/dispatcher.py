@@ -1,0 +1,55 @@
+"""Hands a committed order to Temporal: before the 202 ("request" mode) or right after it
+("background" mode). Either way the outbox entry is already committed, so a failure here only
+delays the start until the worker's sweeper makes it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import timedelta
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from temporalio.client import Client
+
+from core.outbox import dispatch
+
+log = logging.getLogger(__name__)
+
+
+class WorkflowDispatcher:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        client: Client,
+        task_queue: str,
+        *,
+        mode: str,
+        timeout: timedelta,
+    ) -> None:
+        self._sessions = sessions
+        self._client = client
+        self._task_queue = task_queue
+        self._mode = mode
+        self._timeout = timeout
+        self._in_flight: set[asyncio.Task[bool]] = set()
+
+    async def submit(self, order_id: str) -> None:
+        start = dispatch(
+            self._sessions, self._client, order_id, self._task_queue, rpc_timeout=self._timeout
+        )
+        if self._mode == "request":
+            await start
+            return
+        task = asyncio.create_task(start, name=f"start-workflow-{order_id}")
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+
+    async def aclose(self, grace: float = 5.0) -> None:
+        """Gives background starts a moment to finish; any left over is the sweeper's."""
+        if not self._in_flight:
+            return
+        _done, pending = await asyncio.wait(self._in_flight, timeout=grace)
+        for task in pending:
+            task.cancel()
+        if pending:
+            log.warning("left workflow starts to the sweeper", extra={"count": len(pending)})

@@ -1,0 +1,194 @@
+"""Placing an order: the work the customer waits for (validate, claim the idempotency key, charge,
+commit the order with its outbox entry) and nothing else. Everything after goes to the workflow."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from api.schemas import OrderIn
+from core.contracts import STEPS
+from core.models import (
+    IdempotencyKey,
+    KeyState,
+    Order,
+    OrderStatus,
+    OrderStep,
+    WorkflowOutbox,
+    utcnow,
+)
+from core.payments import GatewayUnavailable, PaymentGateway
+
+
+@dataclass(frozen=True)
+class IntakeOutcome:
+    status_code: int
+    body: dict[str, Any]
+    headers: dict[str, str]
+    # Set when this request created the order, so the caller starts its workflow.
+    new_order_id: str | None = None
+
+
+def request_fingerprint(order: OrderIn) -> str:
+    canonical = json.dumps(order.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def new_order_id() -> str:
+    return f"ord_{uuid.uuid4().hex}"
+
+
+def _location(order_id: str) -> dict[str, str]:
+    return {"Location": f"/orders/{order_id}"}
+
+
+class OrderIntake:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        gateway: PaymentGateway,
+        lease: timedelta,
+    ) -> None:
+        self._sessions = sessions
+        self._gateway = gateway
+        self._lease = lease
+
+    async def place(self, key: str, order: OrderIn) -> IntakeOutcome:
+        fingerprint = request_fingerprint(order)
+        earlier = await self._claim(key, fingerprint)
+        if earlier is not None:
+            return earlier
+
+        try:
+            charge = await self._gateway.charge(
+                order.amount_cents, order.currency, order.payment_token, idempotency_key=key
+            )
+        except GatewayUnavailable as failure:
+            # The charge's outcome is unknown: free the key so the client's retry (same key, so
+            # the gateway replays rather than re-charges) can settle it.
+            await self._release(key)
+            return IntakeOutcome(
+                503,
+                {"detail": f"payment gateway unavailable, retry with the same key: {failure}"},
+                {"Retry-After": "1"},
+            )
+
+        if not charge.succeeded:
+            body = {"detail": charge.decline_reason or "card declined"}
+            await self._complete_key(key, 402, body, order_id=None)
+            return IntakeOutcome(402, body, {})
+
+        order_id = new_order_id()
+        body = {"order_id": order_id, "workflow_id": order_id, "status": OrderStatus.PROCESSING}
+        try:
+            async with self._sessions.begin() as session:
+                session.add(
+                    Order(
+                        id=order_id,
+                        idempotency_key=key,
+                        customer_email=order.customer_email,
+                        currency=order.currency,
+                        amount_cents=order.amount_cents,
+                        items=[item.model_dump() for item in order.items],
+                        charge_id=charge.charge_id,
+                    )
+                )
+                await session.flush()
+                session.add_all([OrderStep(order_id=order_id, step=step) for step in STEPS])
+                session.add(WorkflowOutbox(order_id=order_id))
+                await self._mark_key_completed(session, key, 202, body, order_id)
+        except IntegrityError:
+            # Our lease ran out and a retry of this request took the key over and won the race.
+            replay = await self._claim(key, fingerprint)
+            if replay is not None:
+                return replay
+            raise
+        return IntakeOutcome(202, body, _location(order_id), new_order_id=order_id)
+
+    async def _claim(self, key: str, fingerprint: str) -> IntakeOutcome | None:
+        """Takes the key for this request, or answers as the request that holds it would."""
+        now = utcnow()
+        try:
+            async with self._sessions.begin() as session:
+                session.add(
+                    IdempotencyKey(
+                        key=key,
+                        request_hash=fingerprint,
+                        state=KeyState.IN_FLIGHT,
+                        locked_until=now + self._lease,
+                    )
+                )
+            return None
+        except IntegrityError:
+            pass
+
+        async with self._sessions.begin() as session:
+            held = await session.get(IdempotencyKey, key, with_for_update=True)
+            if held is None:  # released between our insert and this read: try once more
+                session.add(
+                    IdempotencyKey(
+                        key=key,
+                        request_hash=fingerprint,
+                        state=KeyState.IN_FLIGHT,
+                        locked_until=now + self._lease,
+                    )
+                )
+                return None
+            if held.request_hash != fingerprint:
+                return IntakeOutcome(
+                    422,
+                    {"detail": "Idempotency-Key was already used for a different request body"},
+                    {},
+                )
+            if held.state == KeyState.COMPLETED:
+                assert held.response_status is not None and held.response_body is not None
+                headers = _location(held.order_id) if held.order_id else {}
+                return IntakeOutcome(held.response_status, held.response_body, headers)
+            if held.locked_until > now:
+                wait = max(1, math.ceil((held.locked_until - now).total_seconds()))
+                return IntakeOutcome(
+                    409,
+                    {"detail": "a request with this Idempotency-Key is still in progress"},
+                    {"Retry-After": str(wait)},
+                )
+            # The holder died mid-request; the charge and the order insert are keyed, so taking
+            # over cannot charge or write twice.
+            held.locked_until = now + self._lease
+            return None
+
+    async def _release(self, key: str) -> None:
+        async with self._sessions.begin() as session:
+            held = await session.get(IdempotencyKey, key)
+            if held is not None and held.state == KeyState.IN_FLIGHT:
+                await session.delete(held)
+
+    async def _complete_key(
+        self, key: str, status: int, body: dict[str, Any], order_id: str | None
+    ) -> None:
+        async with self._sessions.begin() as session:
+            await self._mark_key_completed(session, key, status, body, order_id)
+
+    @staticmethod
+    async def _mark_key_completed(
+        session: AsyncSession, key: str, status: int, body: dict[str, Any], order_id: str | None
+    ) -> None:
+        await session.execute(
+            update(IdempotencyKey)
+            .where(IdempotencyKey.key == key)
+            .values(
+                state=KeyState.COMPLETED,
+                response_status=status,
+                response_body=body,
+                order_id=order_id,
+                updated_at=utcnow(),
+            )
+        )

@@ -1,0 +1,65 @@
+"""The HTTP API: builds its long-lived resources in the lifespan and mounts the routers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import timedelta
+
+from fastapi import FastAPI
+
+from api.dispatcher import WorkflowDispatcher
+from api.intake import OrderIntake
+from api.routes import dead_letters, health, orders
+from core.db import create_engine, create_sessionmaker
+from core.payments import SandboxGateway
+from core.settings import Settings, get_settings
+from core.temporal import connect_temporal
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    app_settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = create_engine(app_settings)
+        sessions = create_sessionmaker(engine)
+        # Lazy: the API serves (and keeps taking orders into the outbox) while Temporal is down.
+        temporal = await connect_temporal(app_settings, lazy=True)
+        dispatcher = WorkflowDispatcher(
+            sessions,
+            temporal,
+            app_settings.TEMPORAL_TASK_QUEUE,
+            mode=app_settings.WORKFLOW_START_MODE,
+            timeout=timedelta(seconds=app_settings.WORKFLOW_START_TIMEOUT_SECONDS),
+        )
+        app.state.settings = app_settings
+        app.state.sessions = sessions
+        app.state.temporal = temporal
+        app.state.dispatcher = dispatcher
+        app.state.intake = OrderIntake(
+            sessions,
+            SandboxGateway(sessions),
+            lease=timedelta(seconds=app_settings.IDEMPOTENCY_LEASE_SECONDS),
+        )
+        try:
+            yield
+        finally:
+            await dispatcher.aclose()
+            await engine.dispose()
+
+    app = FastAPI(
+        title="orderflow",
+        summary="Accepts orders in milliseconds and finishes their follow-ups on Temporal.",
+        lifespan=lifespan,
+    )
+    app.include_router(orders.router)
+    app.include_router(dead_letters.router)
+    app.include_router(health.router)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,128 @@
+"""The dead letters an operator reviews, retries and discards."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.deps import SessionsDep, TemporalDep
+from api.schemas import DeadLetterCommandAccepted, DeadLetterOut, DeadLetterPage, DiscardIn, Problem
+from core.dead_letters import (
+    CommandRejected,
+    DeadLetterFilter,
+    DeadLetterNotFound,
+    DeadLetterOperator,
+    get_dead_letter,
+    list_dead_letters,
+)
+from core.models import DeadLetter, DeadLetterStatus, Step
+
+router = APIRouter(prefix="/dead-letters", tags=["dead-letters"])
+
+StatusFilter = Annotated[DeadLetterStatus | None, Query()]
+StepFilter = Annotated[Step | None, Query()]
+
+
+class BulkRetryIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    step: Step | None = None
+    error_type: str | None = Field(default=None, max_length=200)
+    order_id: str | None = Field(default=None, max_length=40)
+    per_second: float = Field(default=5.0, gt=0, le=100)
+    limit: int = Field(default=100, ge=1, le=1000)
+
+
+class BulkRetryAccepted(BaseModel):
+    retried: list[int]
+
+
+def _accepted(letter: DeadLetter) -> DeadLetterCommandAccepted:
+    return DeadLetterCommandAccepted(
+        dead_letter_id=letter.id, order_id=letter.order_id, step=letter.step, status=letter.status
+    )
+
+
+@router.get("", response_model=DeadLetterPage)
+async def list_letters(
+    sessions: SessionsDep,
+    status: StatusFilter = None,
+    step: StepFilter = None,
+    order_id: Annotated[str | None, Query(max_length=40)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> DeadLetterPage:
+    """Dead letters, filtered by status, step and order, oldest first."""
+    where = DeadLetterFilter(status=status, step=step, order_id=order_id)
+    async with sessions() as session:
+        rows, total = await list_dead_letters(session, where, limit=limit, offset=offset)
+    return DeadLetterPage(
+        items=[DeadLetterOut.model_validate(row) for row in rows],
+        total=total,
+        limit=limit,
+        offset=offset,
+    )
+
+
+@router.post("/retry", status_code=202, response_model=BulkRetryAccepted)
+async def retry_many(
+    body: BulkRetryIn, sessions: SessionsDep, temporal: TemporalDep
+) -> BulkRetryAccepted:
+    """Retry every open dead letter that matches, paced at `per_second`."""
+    retried = await DeadLetterOperator(sessions, temporal).retry_matching(
+        DeadLetterFilter(step=body.step, error_type=body.error_type, order_id=body.order_id),
+        per_second=body.per_second,
+        limit=body.limit,
+    )
+    return BulkRetryAccepted(retried=retried)
+
+
+@router.get("/{dead_letter_id}", response_model=DeadLetterOut, responses={404: {"model": Problem}})
+async def get_letter(dead_letter_id: int, sessions: SessionsDep) -> DeadLetterOut:
+    """One dead letter."""
+    try:
+        async with sessions() as session:
+            return DeadLetterOut.model_validate(await get_dead_letter(session, dead_letter_id))
+    except DeadLetterNotFound as missing:
+        raise HTTPException(404, str(missing)) from missing
+
+
+@router.post(
+    "/{dead_letter_id}/retry",
+    status_code=202,
+    response_model=DeadLetterCommandAccepted,
+    responses={404: {"model": Problem}, 409: {"model": Problem}},
+)
+async def retry_letter(
+    dead_letter_id: int, sessions: SessionsDep, temporal: TemporalDep
+) -> DeadLetterCommandAccepted:
+    """Run the parked step again with a fresh retry budget."""
+    try:
+        letter = await DeadLetterOperator(sessions, temporal).retry(dead_letter_id)
+    except DeadLetterNotFound as missing:
+        raise HTTPException(404, str(missing)) from missing
+    except CommandRejected as rejected:
+        raise HTTPException(409, str(rejected)) from rejected
+    return _accepted(letter)
+
+
+@router.post(
+    "/{dead_letter_id}/discard",
+    response_model=DeadLetterCommandAccepted,
+    responses={404: {"model": Problem}, 409: {"model": Problem}},
+)
+async def discard_letter(
+    dead_letter_id: int, body: DiscardIn, sessions: SessionsDep, temporal: TemporalDep
+) -> DeadLetterCommandAccepted:
+    """Give up on the parked step, recording who and why."""
+    try:
+        letter = await DeadLetterOperator(sessions, temporal).discard(
+            dead_letter_id, body.reason, body.actor
+        )
+    except DeadLetterNotFound as missing:
+        raise HTTPException(404, str(missing)) from missing
+    except CommandRejected as rejected:
+        raise HTTPException(409, str(rejected)) from rejected
+    return _accepted(letter)

@@ -1,0 +1,110 @@
+"""What the HTTP API accepts and answers."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints
+
+# ISO 4217 codes the shop sells in; anything else is an unknown currency.
+Currency = Literal[
+    "USD", "EUR", "GBP", "CHF", "JPY", "CAD", "AUD", "NZD", "SEK", "NOK", "DKK", "PLN", "CZK",
+    "HUF", "RON", "BGN", "ISK", "MXN", "BRL", "INR", "SGD", "HKD", "KRW", "ZAR", "ILS", "TRY",
+]  # fmt: skip
+Sku = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
+# Only gateway tokens are taken; a card number never reaches this service.
+PaymentToken = Annotated[str, StringConstraints(pattern=r"^tok_[A-Za-z0-9_]{1,64}$")]
+MAX_ITEMS = 100
+
+
+class OrderItemIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sku: Sku
+    quantity: int = Field(ge=1, le=10_000)
+    unit_price_cents: int = Field(ge=0, le=100_000_000)
+
+
+class OrderIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    customer_email: Annotated[EmailStr, StringConstraints(max_length=254)]
+    currency: Currency
+    items: list[OrderItemIn] = Field(min_length=1, max_length=MAX_ITEMS)
+    payment_token: PaymentToken
+
+    @property
+    def amount_cents(self) -> int:
+        return sum(item.quantity * item.unit_price_cents for item in self.items)
+
+
+class OrderAccepted(BaseModel):
+    order_id: str
+    workflow_id: str
+    status: str
+
+
+class StepOut(BaseModel):
+    step: str
+    status: str
+    attempts: int
+    last_error: str | None
+    updated_at: datetime
+
+
+class OrderOut(BaseModel):
+    order_id: str
+    status: str
+    amount_cents: int
+    currency: str
+    items: list[OrderItemIn]
+    created_at: datetime
+    cancelled_at: datetime | None
+    steps: list[StepOut]
+
+
+class DeadLetterOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    order_id: str
+    step: str
+    occurrence: int
+    status: str
+    error_type: str
+    error_message: str
+    permanent: bool
+    attempts: int
+    workflow_id: str
+    run_id: str
+    created_at: datetime
+    updated_at: datetime
+    resolved_at: datetime | None
+    discarded_by: str | None
+    discard_reason: str | None
+
+
+class DeadLetterPage(BaseModel):
+    items: list[DeadLetterOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class DeadLetterCommandAccepted(BaseModel):
+    dead_letter_id: int
+    order_id: str
+    step: str
+    status: str
+
+
+class DiscardIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: Annotated[str, StringConstraints(min_length=1, max_length=2000, strip_whitespace=True)]
+    actor: Annotated[str, StringConstraints(min_length=1, max_length=200)] = "operator"
+
+
+class Problem(BaseModel):
+    detail: str

@@ -1,0 +1,134 @@
+"""The dataclasses that cross the Temporal boundary: each workflow, update and activity takes one
+and returns one. They carry references (the order ID), never the order itself."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from temporalio.common import SearchAttributeKey
+
+from core.models import OrderStatus, Step, StepStatus
+
+STEPS: tuple[str, ...] = tuple(step.value for step in Step)
+SETTLED_STEP_STATUSES = frozenset({StepStatus.SUCCEEDED, StepStatus.DISCARDED, StepStatus.SKIPPED})
+
+
+def overall_status(step_statuses: Iterable[str], *, cancelled: bool = False) -> OrderStatus:
+    """The order's status as the customer and the operator see it, from its steps' statuses."""
+    statuses = list(step_statuses)
+    if any(status == StepStatus.DEAD_LETTERED for status in statuses):
+        return OrderStatus.NEEDS_ATTENTION
+    if cancelled:
+        return OrderStatus.CANCELLED
+    if all(status in SETTLED_STEP_STATUSES for status in statuses):
+        return OrderStatus.COMPLETED
+    return OrderStatus.PROCESSING
+
+
+@dataclass(frozen=True)
+class OrderWorkflowInput:
+    order_id: str
+
+
+@dataclass(frozen=True)
+class StepState:
+    status: str
+    dead_letter_id: int | None = None
+    last_error: str | None = None
+    occurrences: int = 0
+
+
+@dataclass(frozen=True)
+class OrderWorkflowStatus:
+    order_id: str
+    status: str
+    steps: dict[str, StepState] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StepPolicy:
+    """The retry settings an order runs under, read once and recorded in its history."""
+
+    max_attempts: int
+    initial_interval_seconds: float
+    backoff_coefficient: float
+    max_interval_seconds: float
+    attempt_timeout_seconds: float
+    total_timeout_seconds: float
+    park_timeout_seconds: float
+
+
+@dataclass(frozen=True)
+class LoadPolicyInput:
+    order_id: str
+
+
+@dataclass(frozen=True)
+class StepInput:
+    order_id: str
+    # The dead letter this run is a redrive of, so its first attempt can mark it `retrying`.
+    redrive_of: int | None = None
+
+
+@dataclass(frozen=True)
+class StepResult:
+    order_id: str
+    step: str
+    # "performed" when this attempt did the side effect, "already_done" when a ledger row showed
+    # an earlier attempt had, "skipped" when the order was cancelled first.
+    outcome: str
+
+
+@dataclass(frozen=True)
+class DeadLetterInput:
+    order_id: str
+    step: str
+    occurrence: int
+    error_type: str
+    error_message: str
+    permanent: bool
+    workflow_id: str
+    run_id: str
+
+
+@dataclass(frozen=True)
+class DeadLetterResult:
+    dead_letter_id: int
+    attempts: int
+
+
+@dataclass(frozen=True)
+class DiscardInput:
+    dead_letter_id: int
+    reason: str
+    actor: str
+
+
+@dataclass(frozen=True)
+class DiscardResult:
+    dead_letter_id: int
+    status: str
+
+
+@dataclass(frozen=True)
+class RetryStepInput:
+    step: str
+
+
+@dataclass(frozen=True)
+class DiscardStepInput:
+    step: str
+    reason: str
+    actor: str = "operator"
+
+
+@dataclass(frozen=True)
+class StepCommandResult:
+    step: str
+    dead_letter_id: int | None
+    accepted: bool = True
+
+
+# The Temporal Web UI lists the orders that need review with `OrderStatus="needs_attention"`.
+ORDER_STATUS_ATTRIBUTE = SearchAttributeKey.for_keyword("OrderStatus")

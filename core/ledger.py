@@ -1,0 +1,109 @@
+"""The per-step ledger every side effect shares: read whether it already happened, record an
+attempt that failed, and record success only after the downstream accepted the effect."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from core.contracts import overall_status
+from core.models import (
+    DeadLetter,
+    DeadLetterStatus,
+    Order,
+    OrderStep,
+    StepStatus,
+    utcnow,
+)
+
+ACTIVE_DEAD_LETTER = (DeadLetterStatus.OPEN, DeadLetterStatus.RETRYING)
+
+
+def effect_key(order_id: str, step: str) -> str:
+    """The stable key a downstream uses to drop a repeat of the same effect."""
+    return f"{order_id}:{step}"
+
+
+async def load_step(session: AsyncSession, order_id: str, step: str) -> tuple[Order, OrderStep]:
+    order = await session.get(Order, order_id)
+    step_row = await session.get(OrderStep, (order_id, step))
+    if order is None or step_row is None:
+        raise LookupError(f"order {order_id} has no step {step}")
+    return order, step_row
+
+
+async def mark_redrive_started(session: AsyncSession, dead_letter_id: int) -> None:
+    await session.execute(
+        update(DeadLetter)
+        .where(DeadLetter.id == dead_letter_id, DeadLetter.status == DeadLetterStatus.OPEN)
+        .values(status=DeadLetterStatus.RETRYING, updated_at=utcnow())
+    )
+
+
+async def record_failed_attempt(
+    sessions: async_sessionmaker[AsyncSession], order_id: str, step: str, attempt: int, error: str
+) -> None:
+    async with sessions.begin() as session:
+        await session.execute(
+            update(OrderStep)
+            .where(OrderStep.order_id == order_id, OrderStep.step == step)
+            .values(
+                attempts=OrderStep.attempts + 1,
+                occurrence_attempts=attempt,
+                last_error=error[:2000],
+                updated_at=utcnow(),
+            )
+        )
+
+
+async def record_success(
+    session: AsyncSession, order_id: str, step: str, attempt: int, outcome: dict[str, Any]
+) -> None:
+    now = utcnow()
+    await session.execute(
+        update(OrderStep)
+        .where(OrderStep.order_id == order_id, OrderStep.step == step)
+        .values(
+            status=StepStatus.SUCCEEDED,
+            attempts=OrderStep.attempts + 1,
+            occurrence_attempts=attempt,
+            outcome=outcome,
+            succeeded_at=now,
+            updated_at=now,
+        )
+    )
+    await session.execute(
+        update(DeadLetter)
+        .where(
+            DeadLetter.order_id == order_id,
+            DeadLetter.step == step,
+            DeadLetter.status.in_(ACTIVE_DEAD_LETTER),
+        )
+        .values(status=DeadLetterStatus.RESOLVED, resolved_at=now, updated_at=now)
+    )
+    await refresh_order_status(session, order_id)
+
+
+async def set_step_status(session: AsyncSession, order_id: str, step: str, status: str) -> None:
+    await session.execute(
+        update(OrderStep)
+        .where(OrderStep.order_id == order_id, OrderStep.step == step)
+        .values(status=status, updated_at=utcnow())
+    )
+    await refresh_order_status(session, order_id)
+
+
+async def refresh_order_status(session: AsyncSession, order_id: str) -> str:
+    """Derives the order's status from its steps, so the row never disagrees with them."""
+    order = await session.get(Order, order_id, with_for_update=True)
+    if order is None:
+        raise LookupError(f"order {order_id} does not exist")
+    statuses = (
+        await session.scalars(select(OrderStep.status).where(OrderStep.order_id == order_id))
+    ).all()
+    status = overall_status(statuses, cancelled=order.cancelled_at is not None)
+    if order.status != status:
+        order.status = status
+    return status

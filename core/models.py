@@ -1,0 +1,218 @@
+"""The database tables: orders, the idempotency keys that guard intake, the per-step state and
+the dead letters an operator reviews."""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Stores UTC and always hands back an aware datetime (SQLite alone would drop the zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetimes are ambiguous; pass an aware UTC datetime")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        datetime: UtcDateTime(),
+        dict[str, Any]: JSON,
+        list[dict[str, Any]]: JSON,
+    }
+
+
+class OrderStatus(enum.StrEnum):
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    NEEDS_ATTENTION = "needs_attention"
+    CANCELLED = "cancelled"
+
+
+class Step(enum.StrEnum):
+    SEND_RECEIPT = "send_receipt"
+    NOTIFY_WAREHOUSE = "notify_warehouse"
+
+
+class StepStatus(enum.StrEnum):
+    PENDING = "pending"
+    SUCCEEDED = "succeeded"
+    DEAD_LETTERED = "dead_lettered"
+    DISCARDED = "discarded"
+    SKIPPED = "skipped"
+
+
+class DeadLetterStatus(enum.StrEnum):
+    OPEN = "open"
+    RETRYING = "retrying"
+    RESOLVED = "resolved"
+    DISCARDED = "discarded"
+
+
+class KeyState(enum.StrEnum):
+    IN_FLIGHT = "in_flight"
+    COMPLETED = "completed"
+
+
+class IdempotencyKey(Base):
+    """One row per `Idempotency-Key` header: who holds it and the answer to replay."""
+
+    __tablename__ = "idempotency_keys"
+
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default=KeyState.IN_FLIGHT)
+    locked_until: Mapped[datetime]
+    response_status: Mapped[int | None] = mapped_column(Integer)
+    response_body: Mapped[dict[str, Any] | None]
+    order_id: Mapped[str | None] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class PaymentCharge(Base):
+    """The sandbox gateway's own ledger; a real gateway keeps this on its side."""
+
+    __tablename__ = "payment_charges"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    idempotency_key: Mapped[str] = mapped_column(String(255), unique=True)
+    amount_cents: Mapped[int]
+    currency: Mapped[str] = mapped_column(String(3))
+    succeeded: Mapped[bool] = mapped_column(Boolean)
+    decline_reason: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Order(Base):
+    __tablename__ = "orders"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    idempotency_key: Mapped[str] = mapped_column(String(255), unique=True)
+    customer_email: Mapped[str] = mapped_column(String(320))
+    currency: Mapped[str] = mapped_column(String(3))
+    amount_cents: Mapped[int]
+    items: Mapped[list[dict[str, Any]]]
+    charge_id: Mapped[str] = mapped_column(String(40))
+    status: Mapped[str] = mapped_column(String(20), default=OrderStatus.PROCESSING)
+    cancelled_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class WorkflowOutbox(Base):
+    """Committed with its order: "this order's workflow must be started". Cleared once started."""
+
+    __tablename__ = "workflow_outbox"
+
+    order_id: Mapped[str] = mapped_column(
+        String(40), ForeignKey("orders.id", ondelete="CASCADE"), primary_key=True
+    )
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    start_attempts: Mapped[int] = mapped_column(default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        Index(
+            "ix_workflow_outbox_pending",
+            "created_at",
+            sqlite_where=text("started_at IS NULL"),
+            postgresql_where=text("started_at IS NULL"),
+        ),
+    )
+
+
+class OrderStep(Base):
+    """The state of one follow-up of one order; its primary key is the side effect's unique key."""
+
+    __tablename__ = "order_steps"
+
+    order_id: Mapped[str] = mapped_column(
+        String(40), ForeignKey("orders.id", ondelete="CASCADE"), primary_key=True
+    )
+    step: Mapped[str] = mapped_column(String(40), primary_key=True)
+    status: Mapped[str] = mapped_column(String(20), default=StepStatus.PENDING)
+    # Every attempt this step made, across redrives.
+    attempts: Mapped[int] = mapped_column(default=0)
+    # Attempts in the current occurrence (Temporal's attempt counter restarts at each redrive).
+    occurrence_attempts: Mapped[int] = mapped_column(default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    # What the downstream said when it accepted the effect (Message-ID, HTTP status).
+    outcome: Mapped[dict[str, Any] | None]
+    succeeded_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class DeadLetter(Base):
+    """One occurrence of a step that gave up; kept after it is resolved or discarded."""
+
+    __tablename__ = "dead_letters"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    order_id: Mapped[str] = mapped_column(String(40), ForeignKey("orders.id", ondelete="CASCADE"))
+    step: Mapped[str] = mapped_column(String(40))
+    occurrence: Mapped[int] = mapped_column(default=1)
+    status: Mapped[str] = mapped_column(String(16), default=DeadLetterStatus.OPEN)
+    error_type: Mapped[str] = mapped_column(String(200))
+    error_message: Mapped[str] = mapped_column(Text)
+    permanent: Mapped[bool] = mapped_column(Boolean, default=False)
+    attempts: Mapped[int]
+    workflow_id: Mapped[str] = mapped_column(String(255))
+    run_id: Mapped[str] = mapped_column(String(64))
+    first_attempt_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    resolved_at: Mapped[datetime | None]
+    discarded_by: Mapped[str | None] = mapped_column(String(200))
+    discard_reason: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        # A redelivered record_dead_letter finds its own row instead of writing a second one.
+        UniqueConstraint("order_id", "step", "occurrence", name="uq_dead_letters_occurrence"),
+        Index("ix_dead_letters_status_step", "status", "step"),
+        Index("ix_dead_letters_order_id", "order_id"),
+    )

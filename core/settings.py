@@ -1,0 +1,85 @@
+"""Every knob of the service, read from the environment (one place, UPPER_CASE names)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The one task queue shared by the API, the worker and the tests.
+DEFAULT_TASK_QUEUE = "orders"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=True)
+
+    ORDERFLOW_ENV: Literal["dev", "test", "production"] = "dev"
+    LOG_LEVEL: str = "INFO"
+
+    DATABASE_URL: str = "sqlite+aiosqlite:///./.data/orderflow.db"
+    DATABASE_POOL_SIZE: int = Field(default=10, ge=1)
+    DATABASE_MAX_OVERFLOW: int = Field(default=10, ge=0)
+    DATABASE_POOL_TIMEOUT_SECONDS: float = Field(default=10.0, gt=0)
+
+    TEMPORAL_ADDRESS: str = "localhost:7233"
+    TEMPORAL_NAMESPACE: str = "default"
+    TEMPORAL_TASK_QUEUE: str = DEFAULT_TASK_QUEUE
+    TEMPORAL_UI_URL: str = "http://127.0.0.1:8233"
+
+    SMTP_HOST: str = "127.0.0.1"
+    SMTP_PORT: int = 1025
+    SMTP_TIMEOUT_SECONDS: float = Field(default=10.0, gt=0)
+    RECEIPT_FROM: str = "orders@orderflow.localhost"
+
+    WAREHOUSE_WEBHOOK_URL: str = "http://127.0.0.1:8025/webhooks/orders"
+    WEBHOOK_SIGNING_SECRET: SecretStr | None = None
+    WEBHOOK_TIMEOUT_SECONDS: float = Field(default=10.0, gt=0)
+
+    RETRY_MAX_ATTEMPTS: int = Field(default=5, ge=1)
+    RETRY_INITIAL_INTERVAL_SECONDS: float = Field(default=1.0, gt=0)
+    RETRY_BACKOFF_COEFFICIENT: float = Field(default=2.0, ge=1.0)
+    RETRY_MAX_INTERVAL_SECONDS: float = Field(default=60.0, gt=0)
+    # "full" waits a random time in [0, capped exponential delay]; "none" waits the delay itself.
+    RETRY_JITTER: Literal["full", "none"] = "full"
+    # Seeds the jitter's random source so a test can predict the schedule.
+    RETRY_JITTER_SEED: int | None = None
+    # The whole budget of one step across all its attempts (schedule_to_close_timeout).
+    STEP_TOTAL_TIMEOUT_SECONDS: float = Field(default=900.0, gt=0)
+    STEP_ATTEMPT_TIMEOUT_SECONDS: float = Field(default=30.0, gt=0)
+    # How long a workflow with a dead-lettered step waits for an operator before it closes.
+    PARK_TIMEOUT_SECONDS: float = Field(default=14 * 24 * 3600.0, gt=0)
+
+    # A request holding an idempotency key longer than this is presumed dead; another may take over.
+    IDEMPOTENCY_LEASE_SECONDS: float = Field(default=30.0, gt=0)
+    # How long the request path waits for Temporal before leaving the start to the sweeper.
+    WORKFLOW_START_TIMEOUT_SECONDS: float = Field(default=2.0, gt=0)
+    # "request": start the workflow before answering; "background": answer after the commit.
+    WORKFLOW_START_MODE: Literal["request", "background"] = "request"
+    OUTBOX_GRACE_SECONDS: float = Field(default=5.0, ge=0)
+    OUTBOX_SWEEP_INTERVAL_SECONDS: float = Field(default=2.0, gt=0)
+    OUTBOX_SWEEP_BATCH: int = Field(default=100, ge=1)
+
+    WORKER_MAX_CONCURRENT_ACTIVITIES: int = Field(default=100, ge=1)
+    WORKER_MAX_CONCURRENT_WORKFLOW_TASKS: int = Field(default=100, ge=1)
+    WORKER_MAX_CACHED_WORKFLOWS: int = Field(default=1000, ge=0)
+    WORKER_MAX_TASK_QUEUE_ACTIVITIES_PER_SECOND: float | None = Field(default=None, gt=0)
+    WORKER_GRACEFUL_SHUTDOWN_SECONDS: float = Field(default=30.0, ge=0)
+
+    @model_validator(mode="after")
+    def _production_needs_secrets(self) -> Settings:
+        if self.ORDERFLOW_ENV == "production" and self.WEBHOOK_SIGNING_SECRET is None:
+            raise ValueError("WEBHOOK_SIGNING_SECRET is required when ORDERFLOW_ENV=production")
+        return self
+
+    @property
+    def webhook_secret(self) -> bytes:
+        if self.WEBHOOK_SIGNING_SECRET is None:
+            raise RuntimeError("WEBHOOK_SIGNING_SECRET is not set; the webhook cannot be signed")
+        return self.WEBHOOK_SIGNING_SECRET.get_secret_value().encode()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

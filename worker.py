@@ -1,0 +1,125 @@
+"""The worker process: builds the clients the activities use, runs OrderWorkflow and its
+activities on the task queue, and sweeps the outbox for orders whose workflow never started.
+
+Run it with `python worker.py`; it reads the same environment variables as the API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable, Sequence
+from contextlib import AsyncExitStack
+from datetime import timedelta
+from typing import Any
+
+import httpx
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.dead_letters import DeadLetterActivities
+from activities.policy import PolicyActivities
+from activities.receipt import Mailer, ReceiptActivities
+from activities.retry import Backoff
+from activities.smtp import SmtpMailer
+from activities.warehouse import WarehouseActivities
+from core.db import create_engine, create_sessionmaker
+from core.outbox import run_sweeper
+from core.settings import Settings, get_settings
+from core.temporal import connect_temporal
+from workflows.order import OrderWorkflow
+
+log = logging.getLogger("orderflow.worker")
+
+
+def create_activities(
+    settings: Settings,
+    sessions: async_sessionmaker[AsyncSession],
+    http: httpx.AsyncClient,
+    mailer: Mailer,
+) -> list[Callable[..., Any]]:
+    backoff = Backoff(settings)
+    receipts = ReceiptActivities(sessions, mailer, backoff, settings)
+    warehouse = WarehouseActivities(sessions, http, backoff, settings)
+    dead_letters = DeadLetterActivities(sessions)
+    policy = PolicyActivities(settings)
+    return [
+        receipts.send_receipt,
+        warehouse.notify_warehouse,
+        dead_letters.record_dead_letter,
+        dead_letters.discard_dead_letter,
+        policy.load_step_policy,
+    ]
+
+
+def create_worker(
+    client: Client,
+    settings: Settings,
+    activities: Sequence[Callable[..., Any]],
+    *,
+    task_queue: str | None = None,
+) -> Worker:
+    return Worker(
+        client,
+        task_queue=task_queue or settings.TEMPORAL_TASK_QUEUE,
+        workflows=[OrderWorkflow],
+        activities=activities,
+        max_concurrent_activities=settings.WORKER_MAX_CONCURRENT_ACTIVITIES,
+        max_concurrent_workflow_tasks=settings.WORKER_MAX_CONCURRENT_WORKFLOW_TASKS,
+        max_cached_workflows=settings.WORKER_MAX_CACHED_WORKFLOWS,
+        max_task_queue_activities_per_second=settings.WORKER_MAX_TASK_QUEUE_ACTIVITIES_PER_SECOND,
+        graceful_shutdown_timeout=timedelta(seconds=settings.WORKER_GRACEFUL_SHUTDOWN_SECONDS),
+    )
+
+
+async def run(settings: Settings) -> None:
+    async with AsyncExitStack() as stack:
+        engine = create_engine(settings)
+        stack.push_async_callback(engine.dispose)
+        sessions = create_sessionmaker(engine)
+        http = await stack.enter_async_context(httpx.AsyncClient())
+        mailer = SmtpMailer(settings.SMTP_HOST, settings.SMTP_PORT, settings.SMTP_TIMEOUT_SECONDS)
+        client = await connect_temporal(settings)
+        worker = create_worker(
+            client, settings, create_activities(settings, sessions, http, mailer)
+        )
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+
+        sweeper = asyncio.create_task(
+            run_sweeper(
+                sessions,
+                client,
+                settings.TEMPORAL_TASK_QUEUE,
+                grace=timedelta(seconds=settings.OUTBOX_GRACE_SECONDS),
+                interval=timedelta(seconds=settings.OUTBOX_SWEEP_INTERVAL_SECONDS),
+                batch=settings.OUTBOX_SWEEP_BATCH,
+            ),
+            name="outbox-sweeper",
+        )
+        running = asyncio.create_task(worker.run(), name="worker")
+        log.info("worker polling task queue %s", settings.TEMPORAL_TASK_QUEUE)
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait({running, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        sweeper.cancel()
+        if not running.done():
+            # Stops polling at once and lets running activities finish within the grace period.
+            log.info("shutting down: finishing running activities")
+            await worker.shutdown()
+        await running
+
+
+def main() -> None:
+    settings = get_settings()
+    logging.basicConfig(
+        level=settings.LOG_LEVEL, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    asyncio.run(run(settings))
+
+
+if __name__ == "__main__":
+    main()
