@@ -92,6 +92,15 @@ class DeadLetterStatus(enum.StrEnum):
     DISCARDED = "discarded"
 
 
+class DeadLetterResolution(enum.StrEnum):
+    """How an occurrence left the active states: its redrive succeeded, its redrive failed again
+    (a new occurrence took over), or an operator discarded it."""
+
+    SUCCEEDED = "succeeded"
+    FAILED_AGAIN = "failed_again"
+    DISCARDED = "discarded"
+
+
 class KeyState(enum.StrEnum):
     IN_FLIGHT = "in_flight"
     COMPLETED = "completed"
@@ -207,6 +216,8 @@ class DeadLetter(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     resolved_at: Mapped[datetime | None]
+    # Why this occurrence closed (DeadLetterResolution); NULL while open or retrying.
+    resolution: Mapped[str | None] = mapped_column(String(20))
     discarded_by: Mapped[str | None] = mapped_column(String(200))
     discard_reason: Mapped[str | None] = mapped_column(Text)
 
