@@ -9,7 +9,7 @@ export WEBHOOK_SIGNING_SECRET ?= dev-only-webhook-secret
 export DATABASE_URL ?= sqlite+aiosqlite:///./.data/orderflow.db
 export ORDERFLOW_ENV ?= dev
 
-.PHONY: run test test-fast test-slow lint format migrate bench clean
+.PHONY: run test test-sqlite test-postgres test-fast test-slow lint format migrate bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,18 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/mypy .
 
+# Lint once, then the whole suite on SQLite, then again on PostgreSQL when TEST_DATABASE_URL names a
+# server (.ci/run sets it; each run creates and drops a database of its own there).
 test: $(VENV)/.installed-test lint
+	$(MAKE) --no-print-directory test-sqlite
+	if [ -n "$${TEST_DATABASE_URL:-}" ]; then $(MAKE) --no-print-directory test-postgres; fi
+
+test-sqlite: $(VENV)/.installed-test
+	env -u TEST_DATABASE_URL PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest
+
+test-postgres: $(VENV)/.installed-test
+	@test -n "$${TEST_DATABASE_URL:-}" || \
+	  { echo "set TEST_DATABASE_URL, e.g. postgresql+asyncpg://postgres@127.0.0.1:5432/test"; exit 2; }
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest
 
 test-fast: $(VENV)/.installed-test
