@@ -8,10 +8,10 @@ import json
 import math
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -36,6 +36,19 @@ class IntakeOutcome:
     headers: dict[str, str]
     # Set when this request created the order, so the caller starts its workflow.
     new_order_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Lease:
+    """This request holds the key until `until`; the value doubles as a fencing token, so a
+    request whose lease ran out cannot free a key that another request has taken over since."""
+
+    until: datetime
+
+
+# Claiming loops only when the key row vanishes between our INSERT and our read (a holder freed
+# it after a gateway outage); a handful of rounds covers any real interleaving.
+CLAIM_ROUNDS = 5
 
 
 def request_fingerprint(order: OrderIn) -> str:
@@ -64,9 +77,9 @@ class OrderIntake:
 
     async def place(self, key: str, order: OrderIn) -> IntakeOutcome:
         fingerprint = request_fingerprint(order)
-        earlier = await self._claim(key, fingerprint)
-        if earlier is not None:
-            return earlier
+        claim = await self._claim(key, fingerprint)
+        if isinstance(claim, IntakeOutcome):
+            return claim
 
         try:
             charge = await self._gateway.charge(
@@ -75,7 +88,7 @@ class OrderIntake:
         except GatewayUnavailable as failure:
             # The charge's outcome is unknown: free the key so the client's retry (same key, so
             # the gateway replays rather than re-charges) can settle it.
-            await self._release(key)
+            await self._release(key, claim)
             return IntakeOutcome(
                 503,
                 {"detail": f"payment gateway unavailable, retry with the same key: {failure}"},
@@ -107,69 +120,85 @@ class OrderIntake:
                 session.add(WorkflowOutbox(order_id=order_id))
                 await self._mark_key_completed(session, key, 202, body, order_id)
         except IntegrityError:
-            # Our lease ran out and a retry of this request took the key over and won the race.
-            replay = await self._claim(key, fingerprint)
-            if replay is not None:
-                return replay
-            raise
+            # Our lease ran out and a retry of this request took the key over and committed the
+            # order first (orders.idempotency_key is unique): its order is the answer.
+            return await self._answer_with_existing_order(key)
         return IntakeOutcome(202, body, _location(order_id), new_order_id=order_id)
 
-    async def _claim(self, key: str, fingerprint: str) -> IntakeOutcome | None:
-        """Takes the key for this request, or answers as the request that holds it would."""
-        now = utcnow()
-        try:
+    async def _claim(self, key: str, fingerprint: str) -> Lease | IntakeOutcome:
+        """Takes the key for this request, or answers as the request that holds it would.
+
+        The primary key on idempotency_keys settles concurrent duplicates, in one process or many:
+        on PostgreSQL (READ COMMITTED) a second INSERT waits for the first one's transaction and
+        then fails with a unique violation; on SQLite BEGIN IMMEDIATE queues the writers."""
+        for _ in range(CLAIM_ROUNDS):
+            lease = Lease(utcnow() + self._lease)
+            try:
+                async with self._sessions.begin() as session:
+                    session.add(
+                        IdempotencyKey(
+                            key=key,
+                            request_hash=fingerprint,
+                            state=KeyState.IN_FLIGHT,
+                            locked_until=lease.until,
+                        )
+                    )
+                return lease
+            except IntegrityError:
+                pass
+
             async with self._sessions.begin() as session:
-                session.add(
-                    IdempotencyKey(
-                        key=key,
-                        request_hash=fingerprint,
-                        state=KeyState.IN_FLIGHT,
-                        locked_until=now + self._lease,
+                # FOR UPDATE: two requests that both find an expired lease take it over one
+                # after the other, and the second sees the first's fresh lease.
+                held = await session.get(IdempotencyKey, key, with_for_update=True)
+                if held is None:  # freed between our INSERT and this read: claim again
+                    continue
+                if held.request_hash != fingerprint:
+                    return IntakeOutcome(
+                        422,
+                        {"detail": "Idempotency-Key was already used for a different request body"},
+                        {},
                     )
-                )
-            return None
-        except IntegrityError:
-            pass
-
-        async with self._sessions.begin() as session:
-            held = await session.get(IdempotencyKey, key, with_for_update=True)
-            if held is None:  # released between our insert and this read: try once more
-                session.add(
-                    IdempotencyKey(
-                        key=key,
-                        request_hash=fingerprint,
-                        state=KeyState.IN_FLIGHT,
-                        locked_until=now + self._lease,
+                if held.state == KeyState.COMPLETED:
+                    assert held.response_status is not None and held.response_body is not None
+                    headers = _location(held.order_id) if held.order_id else {}
+                    return IntakeOutcome(held.response_status, held.response_body, headers)
+                # Read the clock after the lock: the row lock may have made us wait.
+                now = utcnow()
+                if held.locked_until > now:
+                    wait = max(1, math.ceil((held.locked_until - now).total_seconds()))
+                    return IntakeOutcome(
+                        409,
+                        {"detail": "a request with this Idempotency-Key is still in progress"},
+                        {"Retry-After": str(wait)},
                     )
-                )
-                return None
-            if held.request_hash != fingerprint:
-                return IntakeOutcome(
-                    422,
-                    {"detail": "Idempotency-Key was already used for a different request body"},
-                    {},
-                )
-            if held.state == KeyState.COMPLETED:
-                assert held.response_status is not None and held.response_body is not None
-                headers = _location(held.order_id) if held.order_id else {}
-                return IntakeOutcome(held.response_status, held.response_body, headers)
-            if held.locked_until > now:
-                wait = max(1, math.ceil((held.locked_until - now).total_seconds()))
-                return IntakeOutcome(
-                    409,
-                    {"detail": "a request with this Idempotency-Key is still in progress"},
-                    {"Retry-After": str(wait)},
-                )
-            # The holder died mid-request; the charge and the order insert are keyed, so taking
-            # over cannot charge or write twice.
-            held.locked_until = now + self._lease
-            return None
+                # The holder died mid-request; the charge and the order insert are keyed, so
+                # taking over cannot charge or write twice.
+                lease = Lease(now + self._lease)
+                held.locked_until = lease.until
+                return lease
+        raise RuntimeError(f"could not claim idempotency key after {CLAIM_ROUNDS} rounds")
 
-    async def _release(self, key: str) -> None:
+    async def _release(self, key: str, lease: Lease) -> None:
         async with self._sessions.begin() as session:
-            held = await session.get(IdempotencyKey, key)
-            if held is not None and held.state == KeyState.IN_FLIGHT:
-                await session.delete(held)
+            await session.execute(
+                delete(IdempotencyKey).where(
+                    IdempotencyKey.key == key,
+                    IdempotencyKey.state == KeyState.IN_FLIGHT,
+                    IdempotencyKey.locked_until == lease.until,
+                )
+            )
+
+    async def _answer_with_existing_order(self, key: str) -> IntakeOutcome:
+        """Answers with the order already committed under this key, and records that answer on
+        the key in case the request that committed it could not (its row was freed meanwhile)."""
+        async with self._sessions.begin() as session:
+            order_id = await session.scalar(select(Order.id).where(Order.idempotency_key == key))
+            if order_id is None:
+                raise RuntimeError(f"order insert conflicted but no order has key {key!r}")
+            body = {"order_id": order_id, "workflow_id": order_id, "status": OrderStatus.PROCESSING}
+            await self._mark_key_completed(session, key, 202, body, order_id)
+        return IntakeOutcome(202, body, _location(order_id))
 
     async def _complete_key(
         self, key: str, status: int, body: dict[str, Any], order_id: str | None
