@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from activities.checkpoint import Checkpoint
 from activities.dead_letters import DeadLetterActivities
 from activities.policy import PolicyActivities
 from activities.receipt import Mailer, ReceiptActivities
@@ -38,10 +39,12 @@ def create_activities(
     sessions: async_sessionmaker[AsyncSession],
     http: httpx.AsyncClient,
     mailer: Mailer,
+    *,
+    checkpoint: Checkpoint | None = None,
 ) -> list[Callable[..., Any]]:
     backoff = Backoff(settings)
-    receipts = ReceiptActivities(sessions, mailer, backoff, settings)
-    warehouse = WarehouseActivities(sessions, http, backoff, settings)
+    receipts = ReceiptActivities(sessions, mailer, backoff, settings, checkpoint=checkpoint)
+    warehouse = WarehouseActivities(sessions, http, backoff, settings, checkpoint=checkpoint)
     dead_letters = DeadLetterActivities(sessions)
     policy = PolicyActivities(settings)
     return [

@@ -10,6 +10,13 @@ import aiosmtplib
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio import activity
 
+from activities.checkpoint import (
+    AFTER_EFFECT,
+    AFTER_RECORD,
+    BEFORE_EFFECT,
+    Checkpoint,
+    no_checkpoint,
+)
 from activities.retry import Backoff, permanent
 from core.contracts import StepInput, StepResult
 from core.ledger import (
@@ -61,11 +68,14 @@ class ReceiptActivities:
         mailer: Mailer,
         backoff: Backoff,
         settings: Settings,
+        *,
+        checkpoint: Checkpoint | None = None,
     ) -> None:
         self._sessions = sessions
         self._mailer = mailer
         self._backoff = backoff
         self._sender = settings.RECEIPT_FROM
+        self._checkpoint = checkpoint or no_checkpoint
 
     @activity.defn(name="send_receipt")
     async def send_receipt(self, input: StepInput) -> StepResult:
@@ -78,6 +88,7 @@ class ReceiptActivities:
                 return StepResult(input.order_id, STEP, "already_done")
             message = build_receipt(order, self._sender)
 
+        await self._checkpoint(BEFORE_EFFECT)
         try:
             await self._mailer.send(message)
         except aiosmtplib.SMTPRecipientsRefused as refused:
@@ -104,6 +115,9 @@ class ReceiptActivities:
                 error, error_type="SmtpUnavailable", attempt=attempt
             ) from failure
 
+        # Success is recorded only now that the sink has the message: a crash before this line
+        # sends it again on the retry, with the same Message-ID for the receiver to drop.
+        await self._checkpoint(AFTER_EFFECT)
         async with self._sessions.begin() as session:
             await record_success(
                 session,
@@ -112,4 +126,5 @@ class ReceiptActivities:
                 attempt,
                 {"message_id": message["Message-ID"]},
             )
+        await self._checkpoint(AFTER_RECORD)
         return StepResult(input.order_id, STEP, "performed")

@@ -14,6 +14,7 @@ from core.settings import Settings
 # Error types the workflow's RetryPolicy lists as non-retryable, so even an error raised without
 # the flag is never retried.
 PERMANENT_ERROR_TYPES = ("WarehouseRejected", "MailboxRejected", "OrderNotFound")
+MIN_RETRY_DELAY_SECONDS = 0.001
 
 
 class Backoff:
@@ -40,7 +41,9 @@ class Backoff:
         if retry_after is not None:
             # The server told us when it can take the call again; jitter must not undercut it.
             seconds = max(seconds, min(retry_after, self._cap))
-        return timedelta(seconds=seconds)
+        # The SDK sends no next_retry_delay for a zero timedelta, and Temporal would then wait the
+        # policy's un-jittered interval instead.
+        return timedelta(seconds=max(seconds, MIN_RETRY_DELAY_SECONDS))
 
     def retryable(
         self,
@@ -66,7 +69,8 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
+    # isascii: str.isdigit also accepts digits like "²" that float() refuses.
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         when = parsedate_to_datetime(value)

@@ -9,6 +9,13 @@ import httpx
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio import activity
 
+from activities.checkpoint import (
+    AFTER_EFFECT,
+    AFTER_RECORD,
+    BEFORE_EFFECT,
+    Checkpoint,
+    no_checkpoint,
+)
 from activities.retry import Backoff, parse_retry_after, permanent
 from core.contracts import StepInput, StepResult
 from core.ledger import (
@@ -23,8 +30,9 @@ from core.settings import Settings
 from core.signing import SIGNATURE_HEADER, sign
 
 STEP = Step.NOTIFY_WAREHOUSE.value
-# Statuses that can succeed later; any other 4xx means the request itself is wrong.
-RETRYABLE_CLIENT_ERRORS = frozenset({408, 425, 429})
+# Statuses that can succeed later (the contract of issue 2); any other 4xx means the request
+# itself is wrong.
+RETRYABLE_CLIENT_ERRORS = frozenset({408, 429})
 RETRY_AFTER_STATUSES = frozenset({429, 503})
 
 
@@ -46,6 +54,8 @@ class WarehouseActivities:
         http: httpx.AsyncClient,
         backoff: Backoff,
         settings: Settings,
+        *,
+        checkpoint: Checkpoint | None = None,
     ) -> None:
         self._sessions = sessions
         self._http = http
@@ -53,6 +63,7 @@ class WarehouseActivities:
         self._url = settings.WAREHOUSE_WEBHOOK_URL
         self._secret = settings.webhook_secret
         self._timeout = settings.WEBHOOK_TIMEOUT_SECONDS
+        self._checkpoint = checkpoint or no_checkpoint
 
     @activity.defn(name="notify_warehouse")
     async def notify_warehouse(self, input: StepInput) -> StepResult:
@@ -70,6 +81,7 @@ class WarehouseActivities:
             "Idempotency-Key": effect_key(input.order_id, STEP),
             SIGNATURE_HEADER: sign(self._secret, body),
         }
+        await self._checkpoint(BEFORE_EFFECT)
         try:
             response = await self._http.post(
                 self._url, content=body, headers=headers, timeout=self._timeout
@@ -82,10 +94,14 @@ class WarehouseActivities:
             ) from failure
 
         if response.is_success:
+            # Success is recorded only now that the warehouse has it: a crash before this line
+            # delivers again on the retry, with the same Idempotency-Key for the warehouse to drop.
+            await self._checkpoint(AFTER_EFFECT)
             async with self._sessions.begin() as session:
                 await record_success(
                     session, input.order_id, STEP, attempt, {"http_status": response.status_code}
                 )
+            await self._checkpoint(AFTER_RECORD)
             return StepResult(input.order_id, STEP, "performed")
 
         error = f"warehouse answered {response.status_code}: {response.text[:200]}"

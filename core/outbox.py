@@ -1,13 +1,20 @@
 """The transactional outbox: an order's row and "start its workflow" commit together, and
-whoever starts the workflow (the request, or the sweeper after a crash or an outage) marks it."""
+whoever starts the workflow (the request, or the sweeper after a crash or an outage) marks it.
+
+Starting twice is harmless (the workflow ID is the order ID, USE_EXISTING), so the sweeper may run
+in every worker process. On PostgreSQL a sweep claims its batch with FOR UPDATE SKIP LOCKED so two
+sweepers split the work instead of both starting it; SQLite has no row locks, and holding its
+database-wide write lock across Temporal calls would stall intake, so there concurrent sweepers may
+both start an order, which the workflow ID makes a no-op."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from datetime import timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import Select, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client
 
@@ -15,6 +22,8 @@ from core.models import WorkflowOutbox, utcnow
 from core.temporal import start_order_workflow
 
 log = logging.getLogger(__name__)
+
+SWEEP_START_TIMEOUT = timedelta(seconds=5)
 
 
 async def dispatch(
@@ -26,30 +35,50 @@ async def dispatch(
     rpc_timeout: timedelta | None = None,
 ) -> bool:
     """Starts the order's workflow and marks its outbox entry; False leaves it to the sweeper."""
+    error = await _start(client, order_id, task_queue, rpc_timeout)
+    async with sessions.begin() as session:
+        await _mark(session, order_id, error)
+    return error is None
+
+
+async def _start(
+    client: Client, order_id: str, task_queue: str, rpc_timeout: timedelta | None
+) -> str | None:
+    """Starts the workflow; returns why it could not, or None once it runs (or ran)."""
     try:
         await start_order_workflow(client, order_id, task_queue, rpc_timeout=rpc_timeout)
     except Exception as failure:  # any failure means "not started yet"; the sweeper retries
+        error = f"{type(failure).__name__}: {failure}"
         log.warning(
-            "workflow start deferred to the sweeper",
-            extra={"order_id": order_id, "error": f"{type(failure).__name__}: {failure}"},
+            "workflow start deferred to the sweeper", extra={"order_id": order_id, "error": error}
         )
-        async with sessions.begin() as session:
-            await session.execute(
-                update(WorkflowOutbox)
-                .where(WorkflowOutbox.order_id == order_id)
-                .values(
-                    start_attempts=WorkflowOutbox.start_attempts + 1,
-                    last_error=f"{type(failure).__name__}: {failure}"[:2000],
-                )
-            )
-        return False
-    async with sessions.begin() as session:
+        return error
+    return None
+
+
+async def _mark(session: AsyncSession, order_id: str, error: str | None) -> None:
+    if error is not None:
         await session.execute(
             update(WorkflowOutbox)
-            .where(WorkflowOutbox.order_id == order_id, WorkflowOutbox.started_at.is_(None))
-            .values(started_at=utcnow(), start_attempts=WorkflowOutbox.start_attempts + 1)
+            .where(WorkflowOutbox.order_id == order_id)
+            .values(start_attempts=WorkflowOutbox.start_attempts + 1, last_error=error[:2000])
         )
-    return True
+        return
+    await session.execute(
+        update(WorkflowOutbox)
+        .where(WorkflowOutbox.order_id == order_id, WorkflowOutbox.started_at.is_(None))
+        .values(started_at=utcnow(), start_attempts=WorkflowOutbox.start_attempts + 1)
+    )
+
+
+def _pending(grace: timedelta, batch: int) -> Select[str]:
+    # Fewest attempts first, so an entry that keeps failing cannot hold the others back.
+    return (
+        select(WorkflowOutbox.order_id)
+        .where(WorkflowOutbox.started_at.is_(None), WorkflowOutbox.created_at <= utcnow() - grace)
+        .order_by(WorkflowOutbox.start_attempts, WorkflowOutbox.created_at)
+        .limit(batch)
+    )
 
 
 async def sweep_once(
@@ -59,22 +88,42 @@ async def sweep_once(
     *,
     grace: timedelta,
     batch: int,
+    rpc_timeout: timedelta = SWEEP_START_TIMEOUT,
 ) -> int:
-    """Starts the workflows that nobody confirmed within the grace period; returns how many."""
-    cutoff = utcnow() - grace
-    async with sessions() as session:
-        order_ids = (
-            await session.scalars(
-                select(WorkflowOutbox.order_id)
-                .where(WorkflowOutbox.started_at.is_(None), WorkflowOutbox.created_at <= cutoff)
-                .order_by(WorkflowOutbox.created_at)
-                .limit(batch)
-            )
-        ).all()
+    """Starts the workflows that nobody confirmed within the grace period; returns how many this
+    sweep started. Stops at the first start that fails: Temporal is most likely unreachable, and
+    every other start in the batch would only wait out its own timeout."""
+    async with sessions.begin() as session:
+        if session.get_bind().dialect.name != "sqlite":
+            # The claim lasts until this transaction ends; a second sweeper skips these rows.
+            claimed = (
+                await session.scalars(_pending(grace, batch).with_for_update(skip_locked=True))
+            ).all()
+            return await _start_claimed(session, client, claimed, task_queue, rpc_timeout)
+        order_ids = (await session.scalars(_pending(grace, batch))).all()
+
     started = 0
     for order_id in order_ids:
-        if await dispatch(sessions, client, order_id, task_queue, rpc_timeout=timedelta(seconds=5)):
-            started += 1
+        if not await dispatch(sessions, client, order_id, task_queue, rpc_timeout=rpc_timeout):
+            break
+        started += 1
+    return started
+
+
+async def _start_claimed(
+    session: AsyncSession,
+    client: Client,
+    order_ids: Sequence[str],
+    task_queue: str,
+    rpc_timeout: timedelta,
+) -> int:
+    started = 0
+    for order_id in order_ids:
+        error = await _start(client, order_id, task_queue, rpc_timeout)
+        await _mark(session, order_id, error)
+        if error is not None:
+            break
+        started += 1
     return started
 
 

@@ -28,6 +28,7 @@ from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from activities.checkpoint import Checkpoint
 from activities.smtp import SmtpMailer
 from api.main import create_app
 from core.contracts import ORDER_STATUS_ATTRIBUTE
@@ -190,14 +191,18 @@ def settings(
 
 @asynccontextmanager
 async def running_worker(
-    client: Client, settings: Settings, sessions: async_sessionmaker[AsyncSession]
+    client: Client,
+    settings: Settings,
+    sessions: async_sessionmaker[AsyncSession],
+    *,
+    checkpoint: Checkpoint | None = None,
 ) -> AsyncIterator[Worker]:
-    """The real worker (workflow and activities) on the test's task queue."""
+    """The real worker (workflow and activities) on the test's task queue; `checkpoint` lets a
+    test interrupt a side effect at a crash point."""
     async with httpx.AsyncClient() as http:
         mailer = SmtpMailer(settings.SMTP_HOST, settings.SMTP_PORT, settings.SMTP_TIMEOUT_SECONDS)
-        worker = create_worker(
-            client, settings, create_activities(settings, sessions, http, mailer)
-        )
+        activities = create_activities(settings, sessions, http, mailer, checkpoint=checkpoint)
+        worker = create_worker(client, settings, activities)
         async with worker:
             yield worker
 
