@@ -9,8 +9,10 @@ from datetime import timedelta
 
 from fastapi import FastAPI
 
+from api.deps import check_api_keys
 from api.dispatcher import WorkflowDispatcher
 from api.intake import OrderIntake
+from api.limits import install_limits
 from api.routes import dead_letters, health, orders
 from core.db import create_engine, create_sessionmaker
 from core.payments import SandboxGateway
@@ -25,6 +27,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        check_api_keys(app_settings, log)
         engine = create_engine(app_settings)
         sessions = create_sessionmaker(engine)
         # Lazy: the API serves (and keeps taking orders into the outbox) while Temporal is down.
@@ -56,6 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Accepts orders in milliseconds and finishes their follow-ups on Temporal.",
         lifespan=lifespan,
     )
+    install_limits(app)
     app.include_router(orders.router)
     app.include_router(dead_letters.router)
     app.include_router(health.router)

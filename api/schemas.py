@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints, model_validator
+
+from api.limits import reject_card_data
 
 # ISO 4217 codes the shop sells in; anything else is an unknown currency.
 Currency = Literal[
@@ -16,6 +18,8 @@ Sku = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[
 # Only gateway tokens are taken; a card number never reaches this service.
 PaymentToken = Annotated[str, StringConstraints(pattern=r"^tok_[A-Za-z0-9_]{1,64}$")]
 MAX_ITEMS = 100
+# The amount columns are 32-bit integers on PostgreSQL; a larger total is refused, not a 500.
+MAX_ORDER_TOTAL_CENTS = 2**31 - 1
 
 
 class OrderItemIn(BaseModel):
@@ -33,6 +37,18 @@ class OrderIn(BaseModel):
     currency: Currency
     items: list[OrderItemIn] = Field(min_length=1, max_length=MAX_ITEMS)
     payment_token: PaymentToken
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_card_data(cls, data: Any) -> Any:
+        reject_card_data(data)
+        return data
+
+    @model_validator(mode="after")
+    def _total_in_range(self) -> OrderIn:
+        if self.amount_cents > MAX_ORDER_TOTAL_CENTS:
+            raise ValueError(f"the order total must not exceed {MAX_ORDER_TOTAL_CENTS} cents")
+        return self
 
     @property
     def amount_cents(self) -> int:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # The one task queue shared by the API, the worker and the tests.
 DEFAULT_TASK_QUEUE = "orders"
@@ -36,6 +36,11 @@ class Settings(BaseSettings):
     WAREHOUSE_WEBHOOK_URL: str = "http://127.0.0.1:8025/webhooks/orders"
     WEBHOOK_SIGNING_SECRET: SecretStr | None = None
     WEBHOOK_TIMEOUT_SECONDS: float = Field(default=10.0, gt=0)
+
+    # Bearer tokens, comma-separated: API_KEYS for /orders, ADMIN_API_KEYS for the operator's
+    # endpoints. Empty means open (dev only); the API refuses to start so in production.
+    API_KEYS: Annotated[list[SecretStr], NoDecode] = []
+    ADMIN_API_KEYS: Annotated[list[SecretStr], NoDecode] = []
 
     RETRY_MAX_ATTEMPTS: int = Field(default=5, ge=1)
     RETRY_INITIAL_INTERVAL_SECONDS: float = Field(default=1.0, gt=0)
@@ -67,9 +72,18 @@ class Settings(BaseSettings):
     WORKER_MAX_TASK_QUEUE_ACTIVITIES_PER_SECOND: float | None = Field(default=None, gt=0)
     WORKER_GRACEFUL_SHUTDOWN_SECONDS: float = Field(default=30.0, ge=0)
 
+    @field_validator("API_KEYS", "ADMIN_API_KEYS", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str | SecretStr):
+            raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+            return [key.strip() for key in raw.split(",") if key.strip()]
+        return value
+
     @model_validator(mode="after")
     def _production_needs_secrets(self) -> Settings:
-        if self.ORDERFLOW_ENV == "production" and self.WEBHOOK_SIGNING_SECRET is None:
+        secret = self.WEBHOOK_SIGNING_SECRET
+        if self.ORDERFLOW_ENV == "production" and (secret is None or not secret.get_secret_value()):
             raise ValueError("WEBHOOK_SIGNING_SECRET is required when ORDERFLOW_ENV=production")
         return self
 

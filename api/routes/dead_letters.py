@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, Depends, HTTPException, Query
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import SessionsDep, TemporalDep
+from api.deps import SessionsDep, TemporalDep, require_admin_key
 from api.schemas import DeadLetterCommandAccepted, DeadLetterOut, DeadLetterPage, DiscardIn, Problem
 from core.dead_letters import (
     CommandRejected,
@@ -19,7 +19,12 @@ from core.dead_letters import (
 )
 from core.models import DeadLetter, DeadLetterStatus, Step
 
-router = APIRouter(prefix="/dead-letters", tags=["dead-letters"])
+router = APIRouter(
+    prefix="/dead-letters",
+    tags=["dead-letters"],
+    dependencies=[Depends(require_admin_key)],
+    responses={401: {"model": Problem}},
+)
 
 StatusFilter = Annotated[DeadLetterStatus | None, Query()]
 StepFilter = Annotated[Step | None, Query()]

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, HTTPException
+from fastapi import APIRouter, Depends, Header, HTTPException
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
-from api.deps import DispatcherDep, IntakeDep, SessionsDep
+from api.deps import DispatcherDep, IntakeDep, SessionsDep, require_api_key
 from api.schemas import OrderAccepted, OrderIn, OrderItemIn, OrderOut, Problem, StepOut
 from core.models import Order, OrderStep
 
-router = APIRouter(prefix="/orders", tags=["orders"])
+router = APIRouter(
+    prefix="/orders",
+    tags=["orders"],
+    dependencies=[Depends(require_api_key)],
+    responses={401: {"model": Problem}},
+)
 
 MAX_KEY_LENGTH = 255
 
