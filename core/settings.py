@@ -17,6 +17,8 @@ class Settings(BaseSettings):
 
     ORDERFLOW_ENV: Literal["dev", "test", "production"] = "dev"
     LOG_LEVEL: str = "INFO"
+    # "auto": JSON lines when ORDERFLOW_ENV=production, readable text otherwise.
+    LOG_FORMAT: Literal["auto", "json", "text"] = "auto"
 
     DATABASE_URL: str = "sqlite+aiosqlite:///./.data/orderflow.db"
     DATABASE_POOL_SIZE: int = Field(default=10, ge=1)
@@ -71,6 +73,8 @@ class Settings(BaseSettings):
     WORKER_MAX_CACHED_WORKFLOWS: int = Field(default=1000, ge=0)
     WORKER_MAX_TASK_QUEUE_ACTIVITIES_PER_SECOND: float | None = Field(default=None, gt=0)
     WORKER_GRACEFUL_SHUTDOWN_SECONDS: float = Field(default=30.0, ge=0)
+    # The worker's Prometheus endpoint (the SDK's metrics and ours); empty turns it off.
+    WORKER_METRICS_ADDRESS: str = "127.0.0.1:9464"
 
     @field_validator("API_KEYS", "ADMIN_API_KEYS", mode="before")
     @classmethod
