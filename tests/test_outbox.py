@@ -1,0 +1,257 @@
+"""No order without its workflow: the outbox entry commits with the order, a start that fails
+after the commit still answers 202, and the worker's sweeper starts the workflow later."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from temporalio.client import (
+    Client,
+    Interceptor,
+    OutboundInterceptor,
+    StartWorkflowInput,
+    WorkflowHandle,
+)
+from temporalio.service import RPCError, RPCStatusCode
+from temporalio.testing import WorkflowEnvironment
+
+from core.models import WorkflowOutbox
+from core.outbox import run_sweeper, sweep_once
+from core.settings import Settings
+from core.temporal import connect_temporal
+from devsinks.smtp import MailSink
+from devsinks.warehouse import WarehouseReceiver
+from tests.conftest import api_client, free_port, running_worker
+from tests.support import new_key, order_body, place_order, wait_for_order_status, wait_until
+
+
+@pytest.fixture
+def unreachable(settings: Settings) -> Settings:
+    """The test's settings with Temporal at a closed port: every start fails after the commit."""
+    return settings.model_copy(update={"TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}"})
+
+
+async def outbox_entry(
+    sessions: async_sessionmaker[AsyncSession], order_id: str
+) -> WorkflowOutbox | None:
+    async with sessions() as session:
+        return await session.get(WorkflowOutbox, order_id)
+
+
+async def place_pending_orders(
+    settings: Settings, sessions: async_sessionmaker[AsyncSession], count: int
+) -> list[str]:
+    """Orders whose workflow start failed after the commit (their outbox entry is pending)."""
+    async with api_client(settings) as api:
+        order_ids = [await place_order(api) for _ in range(count)]
+
+    async def all_failed_once() -> bool:
+        entries = [await outbox_entry(sessions, order_id) for order_id in order_ids]
+        return all(e is not None and e.start_attempts >= 1 for e in entries)
+
+    # In background mode the failed start is recorded after the 202.
+    await wait_until(all_failed_once, within=30, message="the failed starts recorded")
+    return order_ids
+
+
+async def pending_start_attempts(sessions: async_sessionmaker[AsyncSession]) -> int:
+    """Start attempts over every entry still pending, whichever test placed it."""
+    async with sessions() as session:
+        total = await session.scalar(
+            select(func.sum(WorkflowOutbox.start_attempts)).where(
+                WorkflowOutbox.started_at.is_(None)
+            )
+        )
+    return int(total or 0)
+
+
+async def workflow_exists(client: Client, order_id: str) -> bool:
+    try:
+        await client.get_workflow_handle(order_id).describe()
+    except RPCError as error:
+        if error.status == RPCStatusCode.NOT_FOUND:
+            return False
+        raise
+    return True
+
+
+@asynccontextmanager
+async def sweeping(
+    sessions: async_sessionmaker[AsyncSession], client: Client, settings: Settings
+) -> AsyncIterator[None]:
+    """The worker process's sweeper loop, as `python worker.py` runs it."""
+    sweeper = asyncio.create_task(
+        run_sweeper(
+            sessions,
+            client,
+            settings.TEMPORAL_TASK_QUEUE,
+            grace=timedelta(seconds=settings.OUTBOX_GRACE_SECONDS),
+            interval=timedelta(seconds=settings.OUTBOX_SWEEP_INTERVAL_SECONDS),
+            batch=settings.OUTBOX_SWEEP_BATCH,
+        )
+    )
+    try:
+        yield
+    finally:
+        sweeper.cancel()
+        with suppress(asyncio.CancelledError):
+            await sweeper
+
+
+class RecordStarts(Interceptor):
+    """Notes every workflow start a client sends, to tell which sweeper started an order."""
+
+    def __init__(self) -> None:
+        self.workflow_ids: list[str] = []
+
+    def intercept_client(self, next: OutboundInterceptor) -> OutboundInterceptor:
+        return _StartRecorder(next, self.workflow_ids)
+
+
+class _StartRecorder(OutboundInterceptor):
+    def __init__(self, next: OutboundInterceptor, workflow_ids: list[str]) -> None:
+        super().__init__(next)
+        self._workflow_ids = workflow_ids
+
+    async def start_workflow(self, input: StartWorkflowInput) -> WorkflowHandle[Any, Any]:
+        self._workflow_ids.append(input.id)
+        return await super().start_workflow(input)
+
+
+@pytest.mark.parametrize("mode", ["request", "background"])
+async def test_failed_start_after_commit_answers_202_and_the_sweeper_completes_the_order(
+    mode: str,
+    settings: Settings,
+    unreachable: Settings,
+    env: WorkflowEnvironment,
+    sessions: async_sessionmaker[AsyncSession],
+    mail: MailSink,
+    warehouse: WarehouseReceiver,
+) -> None:
+    down = unreachable.model_copy(update={"WORKFLOW_START_MODE": mode})
+    body = order_body()
+    async with api_client(down) as api:
+        response = await api.post("/orders", json=body, headers={"Idempotency-Key": new_key()})
+    assert response.status_code == 202, response.text
+    order_id = response.json()["order_id"]
+
+    async def start_failed() -> WorkflowOutbox | None:
+        entry = await outbox_entry(sessions, order_id)
+        return entry if entry is not None and entry.start_attempts == 1 else None
+
+    entry = await wait_until(start_failed, within=30, message="the failed start recorded")
+    assert entry.started_at is None
+    assert "connect" in (entry.last_error or "").lower()
+    assert not await workflow_exists(env.client, order_id)
+
+    # Temporal is reachable again: a worker with its sweeper finishes the order.
+    async with (
+        running_worker(env.client, settings, sessions),
+        sweeping(sessions, env.client, settings),
+        api_client(settings) as api,
+    ):
+        await wait_for_order_status(api, order_id, "completed")
+
+    entry = await outbox_entry(sessions, order_id)
+    assert entry is not None and entry.started_at is not None
+    assert entry.start_attempts == 2
+    assert [m.message_id for m in mail.to(body["customer_email"])] == [
+        f"<{order_id}.send_receipt@orderflow.localhost>"
+    ]
+    assert [d.answered for d in warehouse.deliveries_for(order_id)] == [202]
+
+
+async def test_background_start_answers_202_and_the_order_completes(
+    settings: Settings,
+    env: WorkflowEnvironment,
+    sessions: async_sessionmaker[AsyncSession],
+    mail: MailSink,
+    warehouse: WarehouseReceiver,
+) -> None:
+    background = settings.model_copy(update={"WORKFLOW_START_MODE": "background"})
+    body = order_body()
+    async with running_worker(env.client, background, sessions), api_client(background) as api:
+        response = await api.post("/orders", json=body, headers={"Idempotency-Key": new_key()})
+        assert response.status_code == 202, response.text
+        order_id = response.json()["order_id"]
+        await wait_for_order_status(api, order_id, "completed")
+
+    entry = await outbox_entry(sessions, order_id)
+    assert entry is not None and entry.started_at is not None and entry.start_attempts == 1
+    assert len(mail.to(body["customer_email"])) == 1
+    assert len(warehouse.deliveries_for(order_id)) == 1
+
+
+async def test_sweeper_waits_out_the_grace_period_and_stops_at_a_failing_start(
+    settings: Settings,
+    unreachable: Settings,
+    env: WorkflowEnvironment,
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    order_ids = await place_pending_orders(unreachable, sessions, 3)
+
+    # Within the grace period the request may still be starting it: the sweeper leaves it be.
+    assert (
+        await sweep_once(
+            sessions, env.client, settings.TEMPORAL_TASK_QUEUE, grace=timedelta(hours=1), batch=100
+        )
+        == 0
+    )
+    assert not any([await workflow_exists(env.client, order_id) for order_id in order_ids])
+
+    # Temporal still down: one failed start ends the sweep instead of timing out every entry.
+    down = await connect_temporal(unreachable, lazy=True)
+    tried_before = await pending_start_attempts(sessions)
+    swept = await sweep_once(
+        sessions, down, settings.TEMPORAL_TASK_QUEUE, grace=timedelta(0), batch=100
+    )
+    assert swept == 0
+    assert await pending_start_attempts(sessions) == tried_before + 1
+
+    await sweep_once(
+        sessions, env.client, settings.TEMPORAL_TASK_QUEUE, grace=timedelta(0), batch=100
+    )
+    assert all([await workflow_exists(env.client, order_id) for order_id in order_ids])
+
+
+async def test_concurrent_sweepers_start_every_order_and_split_the_batch_on_postgresql(
+    settings: Settings,
+    unreachable: Settings,
+    env: WorkflowEnvironment,
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    order_ids = await place_pending_orders(unreachable, sessions, 12)
+    recorders = [RecordStarts(), RecordStarts()]
+    clients = [await connect_temporal(settings, interceptors=[r]) for r in recorders]
+
+    await asyncio.gather(
+        *(
+            sweep_once(
+                sessions, client, settings.TEMPORAL_TASK_QUEUE, grace=timedelta(0), batch=100
+            )
+            for client in clients
+        )
+    )
+
+    starts = {
+        order_id: sum(r.workflow_ids.count(order_id) for r in recorders) for order_id in order_ids
+    }
+    assert all(count >= 1 for count in starts.values()), starts
+    async with sessions() as session:
+        entries = (
+            await session.scalars(
+                select(WorkflowOutbox).where(WorkflowOutbox.order_id.in_(order_ids))
+            )
+        ).all()
+    assert all(e.started_at is not None for e in entries)
+    assert all([await workflow_exists(env.client, order_id) for order_id in order_ids])
+    if sessions.kw["bind"].dialect.name == "postgresql":
+        # FOR UPDATE SKIP LOCKED: each order was claimed, and started, by one sweeper only.
+        assert set(starts.values()) == {1}, starts
