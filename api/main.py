@@ -13,17 +13,24 @@ from api.deps import check_api_keys
 from api.dispatcher import WorkflowDispatcher
 from api.intake import OrderIntake
 from api.limits import install_limits
-from api.routes import dead_letters, health, orders
+from api.metrics import install_metrics
+from api.routes import admin, dead_letters, health, orders
 from core.db import create_engine, create_sessionmaker
+from core.logging import configure_logging
+from core.metrics import WorkflowStartMetrics
 from core.payments import SandboxGateway
 from core.settings import Settings, get_settings
 from core.temporal import connect_temporal
+from core.tracing import Tracing, tracing_from_environment
 
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, tracing: Tracing | None = None) -> FastAPI:
     app_settings = settings or get_settings()
+    configure_logging(app_settings)
+    # Off unless OTEL_TRACES_EXPORTER / OTEL_EXPORTER_OTLP_ENDPOINT say where spans go.
+    app_tracing = tracing or tracing_from_environment("orderflow-api")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -31,7 +38,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = create_engine(app_settings)
         sessions = create_sessionmaker(engine)
         # Lazy: the API serves (and keeps taking orders into the outbox) while Temporal is down.
-        temporal = await connect_temporal(app_settings, lazy=True)
+        temporal = await connect_temporal(
+            app_settings,
+            lazy=True,
+            interceptors=[*app_tracing.interceptors(), WorkflowStartMetrics()],
+        )
         dispatcher = WorkflowDispatcher(
             sessions,
             temporal,
@@ -53,6 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await dispatcher.aclose()
             await engine.dispose()
+            app_tracing.flush()
 
     app = FastAPI(
         title="orderflow",
@@ -60,9 +72,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_limits(app)
+    install_metrics(app)
+    app_tracing.instrument_app(app)
     app.include_router(orders.router)
     app.include_router(dead_letters.router)
     app.include_router(health.router)
+    app.include_router(admin.router)
+    app.mount(admin.STATIC_MOUNT, admin.static_files(), name="admin-static")
     return app
 
 

@@ -1,0 +1,236 @@
+"""The review page's HTML and its actions, over HTTP (the browser test drives the same page in
+Chromium): real worker, Temporal dev server, warehouse receiver and database."""
+
+from __future__ import annotations
+
+import base64
+import re
+from functools import partial
+from typing import Any
+
+import httpx
+from pydantic import SecretStr
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from temporalio.worker import Worker
+
+from core.models import DeadLetter, DeadLetterStatus
+from core.settings import Settings
+from devsinks.warehouse import WarehouseReceiver
+from tests.conftest import api_client
+from tests.support import new_key, order_body, wait_until
+
+SAME_ORIGIN = {"Origin": "http://orderflow.test"}
+
+
+async def park_order(
+    api: httpx.AsyncClient,
+    sessions: async_sessionmaker[AsyncSession],
+    body: dict[str, Any] | None = None,
+) -> DeadLetter:
+    """Places an order and waits until one of its steps is parked (the caller set the fault)."""
+    response = await api.post(
+        "/orders", json=body or order_body(), headers={"Idempotency-Key": new_key()}
+    )
+    assert response.status_code == 202, response.text
+    order_id = response.json()["order_id"]
+    letter: DeadLetter = await wait_until(
+        lambda: letter_where(sessions, order_id, DeadLetterStatus.OPEN),
+        within=30,
+        message=f"{order_id} parked",
+    )
+    return letter
+
+
+async def letter_where(
+    sessions: async_sessionmaker[AsyncSession], order_id: str, status: str
+) -> DeadLetter | None:
+    async with sessions() as session:
+        letter: DeadLetter | None = await session.scalar(
+            select(DeadLetter).where(DeadLetter.order_id == order_id, DeadLetter.status == status)
+        )
+        return letter
+
+
+def flash_of(page: str) -> str:
+    found = re.search(r'<p class="flash flash-(\w+)"[^>]*>([^<]*)</p>', page)
+    return f"{found.group(1)}: {found.group(2)}" if found else ""
+
+
+async def test_page_lists_a_parked_order_and_retry_resolves_it(
+    api: httpx.AsyncClient,
+    worker: Worker,
+    warehouse: WarehouseReceiver,
+    sessions: async_sessionmaker[AsyncSession],
+    settings: Settings,
+) -> None:
+    warehouse.faults.configure(fail_rate=1.0, status=500)
+    letter = await park_order(api, sessions)
+
+    page = await api.get("/admin")
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    html = page.text
+    row = re.search(rf'<tr data-dead-letter="{letter.id}".*?</tr>', html, re.S)
+    assert row, "the parked order has a row"
+    assert f'href="http://orderflow.test/admin/orders/{letter.order_id}"' in row.group(0)
+    assert f"/admin/dead-letters/{letter.id}/retry" in row.group(0)
+    assert f"/admin/dead-letters/{letter.id}/discard" in row.group(0)
+    assert re.search(r'<input[^>]*name="reason"[^>]*required', row.group(0))
+    ui = f"{settings.TEMPORAL_UI_URL}/namespaces/default/workflows/{letter.order_id}"
+    assert f'href="{ui}"' in row.group(0)
+    assert f'data-step="notify_warehouse" data-error-type="{letter.error_type}"' in html
+    assert letter.error_type == "WarehouseUnavailable"
+    # Served by the app itself: no stylesheet, script or font from anywhere else.
+    assert not re.search(r'<(link|script)[^>]+(href|src)="(https?:)?//(?!orderflow\.test)', html)
+
+    warehouse.faults.reset()
+    refused = await api.post(f"/admin/dead-letters/{letter.id}/retry", data={"back": "/admin"})
+    assert refused.status_code == 403, "a POST without Origin or Referer is refused"
+    assert (await letter_where(sessions, letter.order_id, DeadLetterStatus.OPEN)) is not None
+
+    retried = await api.post(
+        f"/admin/dead-letters/{letter.id}/retry", data={"back": "/admin"}, headers=SAME_ORIGIN
+    )
+    assert retried.status_code == 303
+    assert retried.headers["location"] == "/admin"
+    after = await api.get("/admin")
+    assert flash_of(after.text).startswith(
+        f"ok: Retrying notify_warehouse of order {letter.order_id}"
+    )
+    assert flash_of((await api.get("/admin")).text) == "", "a flash shows once"
+
+    await wait_until(
+        lambda: letter_where(sessions, letter.order_id, DeadLetterStatus.RESOLVED),
+        within=30,
+        message="dead letter resolved",
+    )
+    assert f'data-dead-letter="{letter.id}"' not in (await api.get("/admin")).text
+    order_page = (await api.get(f"/admin/orders/{letter.order_id}")).text
+    assert re.search(rf'data-dead-letter="{letter.id}" data-status="resolved"', order_page)
+    assert re.search(r'data-step-row="notify_warehouse">.*?badge-succeeded', order_page, re.S)
+    assert "notify_warehouse occurrence 1 resolved by its retry" in order_page
+    assert "notify_warehouse succeeded" in order_page
+    # The workflow's own answer to the `status` query is on the page too.
+    assert re.search(r'data-testid="workflow">.*?badge-completed', order_page, re.S)
+
+
+async def test_discard_needs_a_reason_and_records_it(
+    api: httpx.AsyncClient,
+    worker: Worker,
+    warehouse: WarehouseReceiver,
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    warehouse.faults.configure(fail_rate=1.0, status=500)
+    letter = await park_order(api, sessions)
+    back = f"/admin/orders/{letter.order_id}"
+    url = f"/admin/dead-letters/{letter.id}/discard"
+
+    blank = await api.post(url, data={"reason": "  ", "back": back}, headers=SAME_ORIGIN)
+    assert blank.status_code == 303 and blank.headers["location"] == back
+    assert flash_of((await api.get(back)).text).startswith("error: Discard needs a reason")
+    assert (await letter_where(sessions, letter.order_id, DeadLetterStatus.OPEN)) is not None
+
+    done = await api.post(
+        url,
+        data={"reason": "customer refunded by phone", "back": back},
+        headers={"Referer": f"http://orderflow.test{back}"},
+        auth=("alice", "unused-without-keys"),
+    )
+    assert done.status_code == 303
+    page = (await api.get(back)).text
+    assert flash_of(page).startswith(f"ok: Discarded notify_warehouse of order {letter.order_id}")
+    discarded = await letter_where(sessions, letter.order_id, DeadLetterStatus.DISCARDED)
+    assert discarded is not None
+    assert discarded.discard_reason == "customer refunded by phone"
+    assert discarded.discarded_by == "admin page (alice)"
+    assert "“customer refunded by phone” — admin page (alice)" in page
+    assert "notify_warehouse discarded by admin page (alice)" in page
+
+
+async def test_retry_all_for_a_step_and_error_redrives_the_group(
+    api: httpx.AsyncClient,
+    worker: Worker,
+    warehouse: WarehouseReceiver,
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    warehouse.faults.configure(fail_rate=1.0, status=500)
+    letters = [await park_order(api, sessions) for _ in range(2)]
+    html = (await api.get("/admin")).text
+    group = re.search(r'data-step="notify_warehouse" data-error-type="WarehouseUnavailable"', html)
+    assert group and "Retry all" in html
+
+    warehouse.faults.reset()
+    response = await api.post(
+        "/admin/dead-letters/retry",
+        data={"step": "notify_warehouse", "error_type": "WarehouseUnavailable", "back": "/admin"},
+        headers=SAME_ORIGIN,
+    )
+    assert response.status_code == 303
+    assert re.match(
+        r"ok: Retrying \d+ dead letter\(s\) for notify_warehouse / WarehouseUnavailable at 5 per",
+        flash_of((await api.get("/admin")).text),
+    )
+    for order_id in (letter.order_id for letter in letters):
+        await wait_until(
+            partial(letter_where, sessions, order_id, DeadLetterStatus.RESOLVED),
+            within=30,
+            message=f"{order_id} resolved by the bulk retry",
+        )
+
+
+async def test_search_finds_an_order_by_id_or_a_unique_fragment(
+    api: httpx.AsyncClient,
+    worker: Worker,
+    warehouse: WarehouseReceiver,
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    warehouse.faults.configure(fail_rate=1.0, status=500)
+    letter = await park_order(api, sessions)
+    target = f"/admin/orders/{letter.order_id}"
+
+    exact = await api.get("/admin/orders", params={"q": f"  {letter.order_id} "})
+    assert (exact.status_code, exact.headers["location"]) == (303, target)
+    fragment = await api.get("/admin/orders", params={"q": letter.order_id[-12:]})
+    assert (fragment.status_code, fragment.headers["location"]) == (303, target)
+
+    missing = await api.get("/admin/orders", params={"q": "ord_nope%_"})
+    assert missing.headers["location"] == "/admin"
+    assert "no order matches" in flash_of((await api.get("/admin")).text)
+    assert (await api.get("/admin/orders/ord_does_not_exist")).status_code == 404
+
+
+async def test_css_is_served_by_the_app(api: httpx.AsyncClient) -> None:
+    css = await api.get("/admin/static/admin.css")
+    assert css.status_code == 200
+    assert css.headers["content-type"].startswith("text/css")
+    assert "@media (max-width: 600px)" in css.text
+    assert "url(" not in css.text and "@import" not in css.text
+
+
+async def test_admin_keys_guard_the_page_with_basic_or_bearer(settings: Settings) -> None:
+    guarded = settings.model_copy(update={"ADMIN_API_KEYS": [SecretStr("admin-key-1")]})
+    async with api_client(guarded) as client:
+        anonymous = await client.get("/admin")
+        assert anonymous.status_code == 401
+        assert any(
+            value.startswith("Basic ") for value in anonymous.headers.get_list("www-authenticate")
+        ), "a browser needs a Basic challenge to show its login prompt"
+        assert (await client.get("/admin", auth=("ops", "wrong"))).status_code == 401
+        assert (await client.get("/admin", auth=("ops", "admin-key-1"))).status_code == 200
+        bearer = {"Authorization": "Bearer admin-key-1"}
+        assert (await client.get("/admin", headers=bearer)).status_code == 200
+
+        # Basic credentials are ambient, so a form posted from another site must not pass.
+        cross = await client.post(
+            "/admin/dead-letters/1/retry",
+            auth=("ops", "admin-key-1"),
+            headers={"Origin": "http://evil.example"},
+        )
+        assert cross.status_code == 403
+        basic = base64.b64encode(b"ops:admin-key-1").decode()
+        null_origin = await client.post(
+            "/admin/dead-letters/1/retry",
+            headers={"Authorization": f"Basic {basic}", "Origin": "null"},
+        )
+        assert null_origin.status_code == 403
