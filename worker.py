@@ -20,15 +20,18 @@ from temporalio.worker import Worker
 
 from activities.checkpoint import Checkpoint
 from activities.dead_letters import DeadLetterActivities
+from activities.metrics import StepMetricsInterceptor, worker_runtime
 from activities.policy import PolicyActivities
 from activities.receipt import Mailer, ReceiptActivities
 from activities.retry import Backoff
 from activities.smtp import SmtpMailer
 from activities.warehouse import WarehouseActivities
 from core.db import create_engine, create_sessionmaker
+from core.logging import configure_logging
 from core.outbox import run_sweeper
 from core.settings import Settings, get_settings
 from core.temporal import connect_temporal
+from core.tracing import sandbox_runner, tracing_from_environment
 from workflows.order import OrderWorkflow
 
 log = logging.getLogger("orderflow.worker")
@@ -73,6 +76,8 @@ def create_worker(
         max_cached_workflows=settings.WORKER_MAX_CACHED_WORKFLOWS,
         max_task_queue_activities_per_second=settings.WORKER_MAX_TASK_QUEUE_ACTIVITIES_PER_SECOND,
         graceful_shutdown_timeout=timedelta(seconds=settings.WORKER_GRACEFUL_SHUTDOWN_SECONDS),
+        interceptors=[StepMetricsInterceptor()],
+        workflow_runner=sandbox_runner(),
     )
 
 
@@ -83,7 +88,16 @@ async def run(settings: Settings) -> None:
         sessions = create_sessionmaker(engine)
         http = await stack.enter_async_context(httpx.AsyncClient())
         mailer = SmtpMailer(settings.SMTP_HOST, settings.SMTP_PORT, settings.SMTP_TIMEOUT_SECONDS)
-        client = await connect_temporal(settings)
+        # Off unless OTEL_TRACES_EXPORTER / OTEL_EXPORTER_OTLP_ENDPOINT say where spans go.
+        tracing = tracing_from_environment("orderflow-worker")
+        stack.callback(tracing.shutdown)
+        # Serves the SDK's metrics and our step metrics on WORKER_METRICS_ADDRESS.
+        runtime = worker_runtime(settings.WORKER_METRICS_ADDRESS)
+        if runtime is not None:
+            log.info("worker metrics on http://%s/metrics", settings.WORKER_METRICS_ADDRESS)
+        client = await connect_temporal(
+            settings, interceptors=tracing.interceptors(), runtime=runtime
+        )
         worker = create_worker(
             client, settings, create_activities(settings, sessions, http, mailer)
         )
@@ -118,9 +132,7 @@ async def run(settings: Settings) -> None:
 
 def main() -> None:
     settings = get_settings()
-    logging.basicConfig(
-        level=settings.LOG_LEVEL, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    configure_logging(settings)
     asyncio.run(run(settings))
 
 

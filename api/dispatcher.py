@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client
 
 from core.outbox import dispatch
+from core.tracing import annotate_order
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ class WorkflowDispatcher:
         self._in_flight: set[asyncio.Task[bool]] = set()
 
     async def submit(self, order_id: str) -> None:
+        annotate_order(order_id)
         start = dispatch(
             self._sessions, self._client, order_id, self._task_queue, rpc_timeout=self._timeout
         )

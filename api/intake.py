@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.schemas import OrderIn
 from core.contracts import STEPS
+from core.metrics import record_order_accepted, record_order_declined, record_order_deduplicated
 from core.models import (
     IdempotencyKey,
     KeyState,
@@ -79,6 +80,9 @@ class OrderIntake:
         fingerprint = request_fingerprint(order)
         claim = await self._claim(key, fingerprint)
         if isinstance(claim, IntakeOutcome):
+            # A 422 is a key reused for another body, not a repeat of this request.
+            if claim.status_code != 422:
+                record_order_deduplicated("key")
             return claim
 
         try:
@@ -98,6 +102,7 @@ class OrderIntake:
         if not charge.succeeded:
             body = {"detail": charge.decline_reason or "card declined"}
             await self._complete_key(key, 402, body, order_id=None)
+            record_order_declined()
             return IntakeOutcome(402, body, {})
 
         order_id = new_order_id()
@@ -123,6 +128,7 @@ class OrderIntake:
             # Our lease ran out and a retry of this request took the key over and committed the
             # order first (orders.idempotency_key is unique): its order is the answer.
             return await self._answer_with_existing_order(key)
+        record_order_accepted()
         return IntakeOutcome(202, body, _location(order_id), new_order_id=order_id)
 
     async def _claim(self, key: str, fingerprint: str) -> Lease | IntakeOutcome:

@@ -1,0 +1,104 @@
+"""The worker's step metrics, recorded through the Temporal SDK's metric meter so they are served
+on the same Prometheus endpoint as the SDK's own (WORKER_METRICS_ADDRESS): one port per worker,
+one scrape target, and no second HTTP server to run.
+
+Attempt outcomes are counted by an activity interceptor, so the activities stay free of
+bookkeeping; the activities only mark the side effect itself with `side_effect_timer`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
+from temporalio.worker import (
+    ActivityInboundInterceptor,
+    ExecuteActivityInput,
+    Interceptor,
+)
+
+from activities.retry import PERMANENT_ERROR_TYPES
+from core.contracts import STEPS
+from core.metrics import LATENCY_BUCKETS, SIDE_EFFECT_DURATION, STEP_ATTEMPTS
+
+RECORD_DEAD_LETTER = "record_dead_letter"
+# Finer than the SDK's defaults: a task waiting 0.5 s for a worker is already worth seeing.
+SCHEDULE_TO_START_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def worker_runtime(bind_address: str) -> Runtime | None:
+    """A Temporal runtime that serves Prometheus metrics on `bind_address` (host:port), with
+    durations in seconds; None when the address is empty (metrics off)."""
+    if not bind_address:
+        return None
+    return Runtime(
+        telemetry=TelemetryConfig(
+            metrics=PrometheusConfig(
+                bind_address=bind_address,
+                durations_as_seconds=True,
+                histogram_bucket_overrides={
+                    SIDE_EFFECT_DURATION: LATENCY_BUCKETS,
+                    "activity_schedule_to_start_latency": SCHEDULE_TO_START_BUCKETS,
+                    "workflow_task_schedule_to_start_latency": SCHEDULE_TO_START_BUCKETS,
+                },
+            )
+        )
+    )
+
+
+def record_step_attempt(step: str, outcome: str) -> None:
+    activity.metric_meter().create_counter(
+        STEP_ATTEMPTS,
+        "Step attempts by outcome: succeeded, retried (failed, retryable), failed_permanent "
+        "(failed, not retryable), dead_lettered (parked for an operator).",
+    ).add(1, {"step": step, "outcome": outcome})
+
+
+@contextmanager
+def side_effect_timer(step: str) -> Iterator[None]:
+    """Times the call to the downstream (SMTP, webhook), failed or not, in seconds."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        activity.metric_meter().create_histogram_float(
+            SIDE_EFFECT_DURATION, "Time the downstream took to take (or refuse) a side effect."
+        ).record(time.perf_counter() - started, {"step": step})
+
+
+def attempt_outcome(error: BaseException | None) -> str:
+    if error is None:
+        return "succeeded"
+    if isinstance(error, ApplicationError) and (
+        error.non_retryable or error.type in PERMANENT_ERROR_TYPES
+    ):
+        return "failed_permanent"
+    return "retried"
+
+
+class StepMetricsInterceptor(Interceptor):
+    """Counts each attempt of a step activity by outcome, and each dead letter recorded."""
+
+    def intercept_activity(self, next: ActivityInboundInterceptor) -> ActivityInboundInterceptor:
+        return _StepMetricsInbound(next)
+
+
+class _StepMetricsInbound(ActivityInboundInterceptor):
+    async def execute_activity(self, input: ExecuteActivityInput) -> Any:
+        activity_type = activity.info().activity_type
+        if activity_type in STEPS:
+            try:
+                result = await super().execute_activity(input)
+            except Exception as failure:
+                record_step_attempt(activity_type, attempt_outcome(failure))
+                raise
+            record_step_attempt(activity_type, "succeeded")
+            return result
+        result = await super().execute_activity(input)
+        if activity_type == RECORD_DEAD_LETTER and input.args:
+            record_step_attempt(str(getattr(input.args[0], "step", "unknown")), "dead_lettered")
+        return result
