@@ -17,6 +17,7 @@ from activities.checkpoint import (
     Checkpoint,
     no_checkpoint,
 )
+from activities.metrics import side_effect_timer
 from activities.retry import Backoff, permanent
 from core.contracts import StepInput, StepResult
 from core.ledger import (
@@ -90,7 +91,8 @@ class ReceiptActivities:
 
         await self._checkpoint(BEFORE_EFFECT)
         try:
-            await self._mailer.send(message)
+            with side_effect_timer(STEP):
+                await self._mailer.send(message)
         except aiosmtplib.SMTPRecipientsRefused as refused:
             codes = [error.code for error in refused.recipients]
             error = f"recipient refused: {'; '.join(str(e) for e in refused.recipients)}"

@@ -16,6 +16,7 @@ from activities.checkpoint import (
     Checkpoint,
     no_checkpoint,
 )
+from activities.metrics import side_effect_timer
 from activities.retry import Backoff, parse_retry_after, permanent
 from core.contracts import StepInput, StepResult
 from core.ledger import (
@@ -83,9 +84,10 @@ class WarehouseActivities:
         }
         await self._checkpoint(BEFORE_EFFECT)
         try:
-            response = await self._http.post(
-                self._url, content=body, headers=headers, timeout=self._timeout
-            )
+            with side_effect_timer(STEP):
+                response = await self._http.post(
+                    self._url, content=body, headers=headers, timeout=self._timeout
+                )
         except httpx.HTTPError as failure:
             error = f"warehouse unreachable: {type(failure).__name__}: {failure}"
             await record_failed_attempt(self._sessions, input.order_id, STEP, attempt, error)
