@@ -20,6 +20,7 @@ from temporalio.worker import Worker
 
 from activities.checkpoint import Checkpoint
 from activities.dead_letters import DeadLetterActivities
+from activities.orders import OrderActivities
 from activities.metrics import StepMetricsInterceptor, worker_runtime
 from activities.policy import PolicyActivities
 from activities.receipt import Mailer, ReceiptActivities
@@ -55,6 +56,7 @@ def create_activities(
         warehouse.notify_warehouse,
         dead_letters.record_dead_letter,
         dead_letters.discard_dead_letter,
+        OrderActivities(sessions).cancel_order,
         policy.load_step_policy,
     ]
 
