@@ -8,8 +8,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio import activity
 
 from core.contracts import DeadLetterInput, DeadLetterResult, DiscardInput, DiscardResult
-from core.ledger import load_step, refresh_order_status, set_step_status
-from core.models import DeadLetter, DeadLetterStatus, OrderStep, StepStatus, utcnow
+from core.dead_letters import close_superseded, discard_letter
+from core.ledger import load_step, refresh_order_status
+from core.models import DeadLetter, DeadLetterStatus, StepStatus
 
 
 class DeadLetterActivities:
@@ -37,6 +38,7 @@ class DeadLetterActivities:
                 session.add(letter)
                 step.status = StepStatus.DEAD_LETTERED
                 await session.flush()
+                await close_superseded(session, letter)
                 await refresh_order_status(session, input.order_id)
                 return DeadLetterResult(letter.id, letter.attempts)
         except IntegrityError:
@@ -56,18 +58,7 @@ class DeadLetterActivities:
     @activity.defn(name="discard_dead_letter")
     async def discard_dead_letter(self, input: DiscardInput) -> DiscardResult:
         async with self._sessions.begin() as session:
-            letter = await session.get(DeadLetter, input.dead_letter_id, with_for_update=True)
-            if letter is None:
-                raise LookupError(f"dead letter {input.dead_letter_id} does not exist")
-            if letter.status != DeadLetterStatus.DISCARDED:
-                now = utcnow()
-                letter.status = DeadLetterStatus.DISCARDED
-                letter.discarded_by = input.actor[:200]
-                letter.discard_reason = input.reason[:2000]
-                letter.resolved_at = now
-                step = await session.get(OrderStep, (letter.order_id, letter.step))
-                if step is not None and step.status == StepStatus.DEAD_LETTERED:
-                    await set_step_status(
-                        session, letter.order_id, letter.step, StepStatus.DISCARDED
-                    )
+            letter = await discard_letter(
+                session, input.dead_letter_id, reason=input.reason, actor=input.actor
+            )
             return DiscardResult(letter.id, letter.status)

@@ -75,6 +75,9 @@ class WarehouseActivities:
             order, step = await load_step(session, input.order_id, STEP)
             if step.status == StepStatus.SUCCEEDED:
                 return StepResult(input.order_id, STEP, "already_done")
+            if order.cancelled_at is not None:
+                # Cancelled before this attempt: the warehouse must not hear of the order.
+                return StepResult(input.order_id, STEP, "skipped")
             body = json.dumps(warehouse_payload(order), separators=(",", ":")).encode()
 
         headers = {

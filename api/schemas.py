@@ -80,6 +80,12 @@ class OrderOut(BaseModel):
     steps: list[StepOut]
 
 
+class OrderCancelAccepted(BaseModel):
+    order_id: str
+    # "cancelling" while the workflow records it, or the order's status if it already had.
+    status: str
+
+
 class DeadLetterOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
@@ -97,6 +103,7 @@ class DeadLetterOut(BaseModel):
     created_at: datetime
     updated_at: datetime
     resolved_at: datetime | None
+    resolution: str | None
     discarded_by: str | None
     discard_reason: str | None
 

@@ -114,6 +114,8 @@ class DiscardResult:
 @dataclass(frozen=True)
 class RetryStepInput:
     step: str
+    # Optional: the dead letter the caller looked at; a stale one (already superseded) is refused.
+    dead_letter_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,7 @@ class DiscardStepInput:
     step: str
     reason: str
     actor: str = "operator"
+    dead_letter_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,29 @@ class StepCommandResult:
     step: str
     dead_letter_id: int | None
     accepted: bool = True
+
+
+@dataclass(frozen=True)
+class CancelRequest:
+    """The `cancel` signal's input; every field has a default so `{}` is a valid cancel."""
+
+    reason: str = ""
+    actor: str = "customer"
+
+
+@dataclass(frozen=True)
+class CancelOrderInput:
+    order_id: str
+    reason: str = ""
+    actor: str = "customer"
+
+
+@dataclass(frozen=True)
+class CancelOrderResult:
+    order_id: str
+    # "cancelled" (recorded, the warehouse step skipped) or "too_late" (the warehouse already
+    # accepted the order, so it was not cancelled).
+    outcome: str
 
 
 # The Temporal Web UI lists the orders that need review with `OrderStatus="needs_attention"`.

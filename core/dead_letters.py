@@ -1,20 +1,39 @@
 """The operator's side of dead letters: list them, and ask an order's workflow to retry or discard
-a parked step. The API, the CLI and the review page all go through here."""
+a parked step. The API, the CLI and the review page all go through here.
+
+Lifecycle of one occurrence (one row): `open` -> `retrying` -> `resolved`, or `open` ->
+`discarded`. `resolution` says how it closed: `succeeded` (its redrive worked), `failed_again`
+(its redrive gave up too, so the workflow opened the next occurrence, `occurrence + 1`, and this
+one is closed as resolved: its own handling is over and the problem lives on in the new row) or
+`discarded`. So at most one occurrence per order and step is ever active, and none stays
+`retrying` after its redrive ended."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import Select, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.client import (
+    Client,
+    WorkflowExecutionStatus,
+    WorkflowUpdateFailedError,
+)
 from temporalio.service import RPCError
 
 from core.contracts import DiscardStepInput, RetryStepInput, StepCommandResult
-from core.ledger import mark_redrive_started
-from core.models import DeadLetter, DeadLetterStatus
+from core.ledger import ACTIVE_DEAD_LETTER, mark_redrive_started, set_step_status
+from core.models import (
+    DeadLetter,
+    DeadLetterResolution,
+    DeadLetterStatus,
+    OrderStep,
+    StepStatus,
+    utcnow,
+)
 
 
 class DeadLetterNotFound(LookupError):
@@ -65,6 +84,56 @@ async def get_dead_letter(session: AsyncSession, dead_letter_id: int) -> DeadLet
     return letter
 
 
+async def close_superseded(session: AsyncSession, newest: DeadLetter) -> None:
+    """Closes the earlier occurrences of the same order and step once a new one is recorded: their
+    redrive ended in this new failure, so they must not stay `retrying` (or `open`) forever."""
+    now = utcnow()
+    await session.execute(
+        update(DeadLetter)
+        .where(
+            DeadLetter.order_id == newest.order_id,
+            DeadLetter.step == newest.step,
+            DeadLetter.occurrence < newest.occurrence,
+            DeadLetter.status.in_(ACTIVE_DEAD_LETTER),
+        )
+        .values(
+            status=DeadLetterStatus.RESOLVED,
+            resolution=DeadLetterResolution.FAILED_AGAIN,
+            resolved_at=now,
+            updated_at=now,
+        )
+    )
+
+
+async def discard_letter(
+    session: AsyncSession, dead_letter_id: int, *, reason: str, actor: str
+) -> DeadLetter:
+    """Records that a person gave up on the occurrence (idempotent), and settles its step."""
+    letter = await session.get(DeadLetter, dead_letter_id, with_for_update=True)
+    if letter is None:
+        raise DeadLetterNotFound(f"dead letter {dead_letter_id} not found")
+    if letter.status != DeadLetterStatus.DISCARDED:
+        now = utcnow()
+        letter.status = DeadLetterStatus.DISCARDED
+        letter.resolution = DeadLetterResolution.DISCARDED
+        letter.discarded_by = actor[:200]
+        letter.discard_reason = reason[:2000]
+        letter.resolved_at = now
+        letter.updated_at = now
+        step = await session.get(OrderStep, (letter.order_id, letter.step))
+        if step is not None and step.status == StepStatus.DEAD_LETTERED:
+            await set_step_status(session, letter.order_id, letter.step, StepStatus.DISCARDED)
+    return letter
+
+
+@dataclass
+class BulkRetryOutcome:
+    retried: list[int] = field(default_factory=list)
+    # Letters that matched but could not be redriven, with the reason (closed workflow, ...).
+    rejected: dict[int, str] = field(default_factory=dict)
+    elapsed_seconds: float = 0.0
+
+
 class DeadLetterOperator:
     def __init__(self, sessions: async_sessionmaker[AsyncSession], client: Client) -> None:
         self._sessions = sessions
@@ -72,22 +141,35 @@ class DeadLetterOperator:
 
     async def retry(self, dead_letter_id: int) -> DeadLetter:
         letter = await self._open_letter(dead_letter_id)
-        await self._send(letter, "retry_step", RetryStepInput(letter.step))
+        await self._send(letter, "retry_step", RetryStepInput(letter.step, letter.id))
         async with self._sessions.begin() as session:
+            # The redrive's first attempt marks it too; whichever comes first wins, and a redrive
+            # that already resolved the letter is left alone (the update only touches `open`).
             await mark_redrive_started(session, letter.id)
             return await get_dead_letter(session, letter.id)
 
     async def discard(self, dead_letter_id: int, reason: str, actor: str) -> DeadLetter:
         letter = await self._open_letter(dead_letter_id)
-        await self._send(letter, "discard_step", DiscardStepInput(letter.step, reason, actor))
+        if not reason.strip():
+            raise CommandRejected("a discard needs a reason")
+        if not await self._workflow_running(letter):
+            # The workflow stopped waiting (park timeout): nobody else can settle this letter,
+            # so the operator's decision is recorded directly.
+            async with self._sessions.begin() as session:
+                await discard_letter(session, letter.id, reason=reason, actor=actor)
+        else:
+            await self._send(
+                letter, "discard_step", DiscardStepInput(letter.step, reason, actor, letter.id)
+            )
         async with self._sessions() as session:
             return await get_dead_letter(session, letter.id)
 
     async def retry_matching(
         self, where: DeadLetterFilter, *, per_second: float, limit: int
-    ) -> list[int]:
-        """Redrives the open dead letters that match, paced so a receiver that just recovered is
-        not hit by the whole backlog at once."""
+    ) -> BulkRetryOutcome:
+        """Redrives the open dead letters that match, at most `per_second` redrives a second,
+        so a receiver that just recovered is not hit by the whole backlog at once. The n-th
+        redrive starts no earlier than (n-1)/per_second after the first."""
         async with self._sessions() as session:
             letters, _total = await list_dead_letters(
                 session,
@@ -100,17 +182,23 @@ class DeadLetterOperator:
                 limit=limit,
                 offset=0,
             )
-        retried: list[int] = []
+        outcome = BulkRetryOutcome()
         interval = 1.0 / per_second
+        started = time.monotonic()
         for index, letter in enumerate(letters):
-            if index:
-                await asyncio.sleep(interval)
+            # Paced against the schedule, not the previous call, so a slow call is not followed
+            # by an extra full interval, and a fast one never lets the next start early.
+            wait = started + index * interval - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
             try:
                 await self.retry(letter.id)
-            except CommandRejected:
+            except (CommandRejected, DeadLetterNotFound) as rejected:
+                outcome.rejected[letter.id] = str(rejected)
                 continue
-            retried.append(letter.id)
-        return retried
+            outcome.retried.append(letter.id)
+        outcome.elapsed_seconds = time.monotonic() - started
+        return outcome
 
     async def _open_letter(self, dead_letter_id: int) -> DeadLetter:
         async with self._sessions() as session:
@@ -118,6 +206,15 @@ class DeadLetterOperator:
         if letter.status != DeadLetterStatus.OPEN:
             raise CommandRejected(f"dead letter {dead_letter_id} is {letter.status}, not open")
         return letter
+
+    async def _workflow_running(self, letter: DeadLetter) -> bool:
+        try:
+            described = await self._client.get_workflow_handle(letter.workflow_id).describe()
+        except RPCError as failure:
+            raise CommandRejected(
+                f"workflow {letter.workflow_id} cannot be reached: {failure.message}"
+            ) from failure
+        return described.status == WorkflowExecutionStatus.RUNNING
 
     async def _send(
         self, letter: DeadLetter, update: str, argument: RetryStepInput | DiscardStepInput
@@ -129,9 +226,15 @@ class DeadLetterOperator:
             )
             return result
         except WorkflowUpdateFailedError as failure:
-            reason = failure.cause.message if hasattr(failure.cause, "message") else failure
+            cause = failure.cause
+            reason = getattr(cause, "message", None) or str(cause)
             raise CommandRejected(f"workflow refused {update}: {reason}") from failure
         except RPCError as failure:
+            if not await self._workflow_running(letter):
+                raise CommandRejected(
+                    f"order {letter.order_id}'s workflow has closed (it stopped waiting after "
+                    f"PARK_TIMEOUT_SECONDS); dead letter {letter.id} can only be discarded now"
+                ) from failure
             raise CommandRejected(
                 f"workflow {letter.workflow_id} cannot take {update}: {failure.message}"
             ) from failure

@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from core.contracts import overall_status
 from core.models import (
     DeadLetter,
+    DeadLetterResolution,
     DeadLetterStatus,
     Order,
     OrderStep,
@@ -81,7 +82,12 @@ async def record_success(
             DeadLetter.step == step,
             DeadLetter.status.in_(ACTIVE_DEAD_LETTER),
         )
-        .values(status=DeadLetterStatus.RESOLVED, resolved_at=now, updated_at=now)
+        .values(
+            status=DeadLetterStatus.RESOLVED,
+            resolution=DeadLetterResolution.SUCCEEDED,
+            resolved_at=now,
+            updated_at=now,
+        )
     )
     await refresh_order_status(session, order_id)
 

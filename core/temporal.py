@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import Any
 
 from temporalio.client import Client, Interceptor, WorkflowHandle
 from temporalio.common import (
@@ -61,9 +62,15 @@ async def start_order_workflow(
     task_queue: str,
     *,
     rpc_timeout: timedelta | None = None,
+    start_signal: str | None = None,
+    start_signal_args: Sequence[Any] = (),
 ) -> WorkflowHandle[object, OrderWorkflowStatus]:
     """Starts the order's workflow, or finds the one already started: the workflow ID is the
-    order ID, so a second start (a retried request, the sweeper) never makes a second workflow."""
+    order ID, so a second start (a retried request, the sweeper) never makes a second workflow.
+
+    With `start_signal` it is a signal-with-start: the signal reaches the workflow whether or not
+    it was started yet; a closed workflow raises WorkflowAlreadyStartedError (the signal was lost).
+    """
     try:
         return await client.start_workflow(
             ORDER_WORKFLOW,
@@ -77,7 +84,11 @@ async def start_order_workflow(
             ),
             result_type=OrderWorkflowStatus,
             rpc_timeout=rpc_timeout,
+            start_signal=start_signal,
+            start_signal_args=start_signal_args,
         )
     except WorkflowAlreadyStartedError:
+        if start_signal is not None:
+            raise
         # The workflow ran and closed already: it was started, which is all the caller needs.
         return client.get_workflow_handle(order_id, result_type=OrderWorkflowStatus)

@@ -16,6 +16,7 @@ from temporalio.exceptions import TimeoutError as ActivityTimeoutError
 
 with workflow.unsafe.imports_passed_through():
     from activities.dead_letters import DeadLetterActivities
+    from activities.orders import CANCELLABLE_STEPS, CANCELLED, OrderActivities
     from activities.policy import PolicyActivities
     from activities.receipt import ReceiptActivities
     from activities.retry import PERMANENT_ERROR_TYPES
@@ -23,6 +24,8 @@ with workflow.unsafe.imports_passed_through():
     from core.contracts import (
         ORDER_STATUS_ATTRIBUTE,
         STEPS,
+        CancelOrderInput,
+        CancelRequest,
         DeadLetterInput,
         DiscardInput,
         DiscardStepInput,
@@ -67,18 +70,26 @@ class OrderWorkflow:
         self._steps: dict[str, StepState] = {step: StepState(StepStatus.PENDING) for step in STEPS}
         self._commands: dict[str, _Command] = {}
         self._published_status = ""
+        self._cancel_request: CancelRequest | None = None
+        # What recording the cancel found: None until then, "cancelled" or "too_late".
+        self._cancel_outcome: str | None = None
+        self._steps_done = False
+        self._park_expired: list[str] = []
 
     @workflow.run
     async def run(self, input: OrderWorkflowInput) -> OrderWorkflowStatus:
         self._order_id = input.order_id
-        self._published_status = overall_status(s.status for s in self._steps.values())
+        self._published_status = self._overall()
         policy = await workflow.execute_local_activity_method(
             PolicyActivities.load_step_policy,
             LoadPolicyInput(input.order_id),
             start_to_close_timeout=timedelta(seconds=10),
             retry_policy=RetryPolicy(maximum_attempts=0, maximum_interval=timedelta(seconds=10)),
         )
+        canceller = asyncio.create_task(self._record_cancel())
         await asyncio.gather(*(self._run_step(step, policy) for step in STEPS))
+        self._steps_done = True
+        await canceller
         await workflow.wait_condition(workflow.all_handlers_finished)
         return self.status()
 
@@ -86,9 +97,15 @@ class OrderWorkflow:
     def status(self) -> OrderWorkflowStatus:
         return OrderWorkflowStatus(
             order_id=self._order_id,
-            status=overall_status(s.status for s in self._steps.values()),
+            status=self._overall(),
             steps=dict(self._steps),
         )
+
+    @workflow.signal(name="cancel")
+    def cancel(self, input: CancelRequest) -> None:
+        # The first cancel counts; a repeat (a retried request) changes nothing.
+        if self._cancel_request is None:
+            self._cancel_request = input
 
     @workflow.update(name="retry_step")
     def retry_step(self, input: RetryStepInput) -> StepCommandResult:
@@ -97,7 +114,7 @@ class OrderWorkflow:
 
     @retry_step.validator
     def _validate_retry_step(self, input: RetryStepInput) -> None:
-        self._require_parked(input.step)
+        self._require_parked(input.step, input.dead_letter_id)
 
     @workflow.update(name="discard_step")
     async def discard_step(self, input: DiscardStepInput) -> StepCommandResult:
@@ -111,23 +128,33 @@ class OrderWorkflow:
 
     @discard_step.validator
     def _validate_discard_step(self, input: DiscardStepInput) -> None:
-        self._require_parked(input.step)
+        self._require_parked(input.step, input.dead_letter_id)
         if not input.reason.strip():
             raise ValueError("a discard needs a reason")
 
-    def _require_parked(self, step: str) -> None:
+    def _require_parked(self, step: str, dead_letter_id: int | None) -> None:
         if step not in self._steps:
             raise ValueError(f"unknown step {step!r}; steps are {', '.join(STEPS)}")
-        if self._steps[step].status != StepStatus.DEAD_LETTERED:
-            raise ValueError(f"step {step!r} is {self._steps[step].status}, not dead_lettered")
+        state = self._steps[step]
+        if state.status != StepStatus.DEAD_LETTERED or step in self._park_expired:
+            raise ValueError(f"step {step!r} is {state.status}, not dead_lettered")
         if step in self._commands:
             raise ValueError(f"step {step!r} already has a {self._commands[step].kind} pending")
+        if dead_letter_id is not None and dead_letter_id != state.dead_letter_id:
+            raise ValueError(
+                f"dead letter {dead_letter_id} is not the parked occurrence of {step!r} "
+                f"(that is {state.dead_letter_id})"
+            )
+        if self._cancel_request is not None and step in CANCELLABLE_STEPS:
+            raise ValueError(f"order {self._order_id} is being cancelled; {step!r} will be skipped")
 
     async def _run_step(self, step: str, policy: StepPolicy) -> None:
         redrive_of: int | None = None
         while True:
+            if await self._skipped_by_cancel(step):
+                return
             try:
-                await workflow.execute_activity_method(
+                result = await workflow.execute_activity_method(
                     STEP_ACTIVITIES[step],
                     StepInput(self._order_id, redrive_of),
                     start_to_close_timeout=timedelta(seconds=policy.attempt_timeout_seconds),
@@ -139,6 +166,10 @@ class OrderWorkflow:
                 dead_letter_id = await self._dead_letter(step, failure)
                 command = await self._wait_for_operator(step, dead_letter_id, policy)
                 if command is None:
+                    if await self._skipped_by_cancel(step):
+                        return
+                    self._park_expired.append(step)
+                    workflow.set_current_details(self._details())
                     return
                 if command.kind == "discard":
                     await workflow.execute_activity_method(
@@ -153,8 +184,39 @@ class OrderWorkflow:
                 redrive_of = dead_letter_id
                 self._set(step, status=StepStatus.PENDING)
                 continue
+            if result.outcome == "skipped":
+                # The attempt found the order cancelled before it touched the warehouse.
+                self._set(step, status=StepStatus.SKIPPED)
+                return
             self._set(step, status=StepStatus.SUCCEEDED, dead_letter_id=None, last_error=None)
             return
+
+    async def _record_cancel(self) -> None:
+        """Records a cancel once it arrives, so its effect on the database happens in the order
+        the workflow saw the events."""
+        await workflow.wait_condition(lambda: self._cancel_request is not None or self._steps_done)
+        request = self._cancel_request
+        if request is None:
+            return
+        recorded = await workflow.execute_activity_method(
+            OrderActivities.cancel_order,
+            CancelOrderInput(self._order_id, request.reason, request.actor),
+            start_to_close_timeout=BOOKKEEPING_TIMEOUT,
+            retry_policy=BOOKKEEPING_RETRY,
+            summary=f"cancel order {self._order_id}",
+        )
+        self._cancel_outcome = recorded.outcome
+        self._publish()
+
+    async def _skipped_by_cancel(self, step: str) -> bool:
+        """True (and the step marked skipped) when a cancel took effect before this step ran."""
+        if step not in CANCELLABLE_STEPS or self._cancel_request is None:
+            return False
+        await workflow.wait_condition(lambda: self._cancel_outcome is not None)
+        if self._cancel_outcome != CANCELLED:
+            return False
+        self._set(step, status=StepStatus.SKIPPED)
+        return True
 
     async def _dead_letter(self, step: str, failure: ActivityError) -> int:
         error_type, message = _describe(failure)
@@ -190,7 +252,10 @@ class OrderWorkflow:
     ) -> _Command | None:
         try:
             await workflow.wait_condition(
-                lambda: step in self._commands,
+                lambda: (
+                    step in self._commands
+                    or (step in CANCELLABLE_STEPS and self._cancel_request is not None)
+                ),
                 timeout=timedelta(seconds=policy.park_timeout_seconds),
                 timeout_summary=f"{step} parked, waiting for an operator",
             )
@@ -202,29 +267,53 @@ class OrderWorkflow:
                 dead_letter_id,
             )
             return None
-        return self._commands.pop(step)
+        return self._commands.pop(step, None)
 
     def _set(self, step: str, **changes: object) -> None:
         self._steps[step] = replace(self._steps[step], **changes)  # type: ignore[arg-type]
-        status = overall_status(s.status for s in self._steps.values())
+        self._publish()
+
+    def _overall(self) -> str:
+        return overall_status(
+            (s.status for s in self._steps.values()), cancelled=self._cancel_outcome == CANCELLED
+        )
+
+    def _publish(self) -> None:
+        status = self._overall()
         if status != self._published_status:
             workflow.upsert_search_attributes([ORDER_STATUS_ATTRIBUTE.value_set(status)])
             self._published_status = status
         workflow.set_current_details(self._details())
 
     def _details(self) -> str:
+        """Markdown for the Web UI's "Current Details": what is parked, why, and how to act."""
+        lines: list[str] = []
+        if self._cancel_outcome == CANCELLED:
+            lines += ["Order cancelled: the warehouse notification is skipped.", ""]
         parked = [
             (name, s) for name, s in self._steps.items() if s.status == StepStatus.DEAD_LETTERED
         ]
-        if not parked:
-            return ""
-        lines = ["## Needs attention", ""]
         for name, state in parked:
             lines += [
-                f"**{name}** is parked (dead letter {state.dead_letter_id}): {state.last_error}",
+                f"## {name} is parked (dead letter {state.dead_letter_id})",
                 "",
-                "Fix the cause, then retry it: Workflow Actions → Update → `retry_step` with",
-                f'`{{"step": "{name}"}}`, or `POST /dead-letters/{state.dead_letter_id}/retry`.',
+                f"Why: {state.last_error}",
+                "",
+            ]
+            if name in self._park_expired:
+                lines += [
+                    "The park timeout passed and the workflow stopped waiting; the dead letter "
+                    f"stays open: discard it with `orderflow dlq discard {state.dead_letter_id} "
+                    "--reason ...`.",
+                    "",
+                ]
+                continue
+            lines += [
+                "Fix the cause, then retry: Workflow Actions → Send an Update → Update name "
+                f'`retry_step`, input `{{"step": "{name}"}}`',
+                f"(or `orderflow dlq retry {state.dead_letter_id}`, "
+                f"or `POST /dead-letters/{state.dead_letter_id}/retry`).",
+                f'To give up: update `discard_step` with `{{"step": "{name}", "reason": "..."}}`.',
                 "",
             ]
         return "\n".join(lines)

@@ -42,6 +42,9 @@ class BulkRetryIn(BaseModel):
 
 class BulkRetryAccepted(BaseModel):
     retried: list[int]
+    # Matching letters that could not be redriven, with the reason (e.g. their workflow closed).
+    rejected: dict[int, str]
+    elapsed_seconds: float
 
 
 def _accepted(letter: DeadLetter) -> DeadLetterCommandAccepted:
@@ -56,11 +59,13 @@ async def list_letters(
     status: StatusFilter = None,
     step: StepFilter = None,
     order_id: Annotated[str | None, Query(max_length=40)] = None,
+    error_type: Annotated[str | None, Query(max_length=200)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> DeadLetterPage:
-    """Dead letters, filtered by status, step and order, oldest first."""
-    where = DeadLetterFilter(status=status, step=step, order_id=order_id)
+    """Dead letters, filtered by status, step, order and error type, oldest first; `total`
+    counts every match so a client can page with `limit` and `offset`."""
+    where = DeadLetterFilter(status=status, step=step, order_id=order_id, error_type=error_type)
     async with sessions() as session:
         rows, total = await list_dead_letters(session, where, limit=limit, offset=offset)
     return DeadLetterPage(
@@ -76,12 +81,16 @@ async def retry_many(
     body: BulkRetryIn, sessions: SessionsDep, temporal: TemporalDep
 ) -> BulkRetryAccepted:
     """Retry every open dead letter that matches, paced at `per_second`."""
-    retried = await DeadLetterOperator(sessions, temporal).retry_matching(
+    outcome = await DeadLetterOperator(sessions, temporal).retry_matching(
         DeadLetterFilter(step=body.step, error_type=body.error_type, order_id=body.order_id),
         per_second=body.per_second,
         limit=body.limit,
     )
-    return BulkRetryAccepted(retried=retried)
+    return BulkRetryAccepted(
+        retried=outcome.retried,
+        rejected=outcome.rejected,
+        elapsed_seconds=round(outcome.elapsed_seconds, 3),
+    )
 
 
 @router.get("/{dead_letter_id}", response_model=DeadLetterOut, responses={404: {"model": Problem}})

@@ -7,10 +7,28 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, HTTPException
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
+from temporalio.exceptions import WorkflowAlreadyStartedError
 
-from api.deps import DispatcherDep, IntakeDep, SessionsDep, require_api_key
-from api.schemas import OrderAccepted, OrderIn, OrderItemIn, OrderOut, Problem, StepOut
-from core.models import Order, OrderStep
+from api.deps import (
+    DispatcherDep,
+    IntakeDep,
+    SessionsDep,
+    SettingsDep,
+    TemporalDep,
+    require_api_key,
+)
+from api.schemas import (
+    OrderAccepted,
+    OrderCancelAccepted,
+    OrderIn,
+    OrderItemIn,
+    OrderOut,
+    Problem,
+    StepOut,
+)
+from core.contracts import CancelRequest
+from core.models import Order, OrderStatus, OrderStep, Step, StepStatus
+from core.temporal import start_order_workflow
 
 router = APIRouter(
     prefix="/orders",
@@ -89,3 +107,44 @@ async def get_order(order_id: str, sessions: SessionsDep) -> OrderOut:
             for step in steps
         ],
     )
+
+
+@router.post(
+    "/{order_id}/cancel",
+    status_code=202,
+    response_model=OrderCancelAccepted,
+    responses={404: {"model": Problem}, 409: {"model": Problem}},
+)
+async def cancel_order(
+    order_id: str, sessions: SessionsDep, temporal: TemporalDep, settings: SettingsDep
+) -> OrderCancelAccepted:
+    """Ask the order's workflow to cancel it. The warehouse notification is skipped if it has not
+    been delivered yet; once the warehouse accepted the order, the cancel is too late (409)."""
+    async with sessions() as session:
+        order = await session.get(Order, order_id)
+        if order is None:
+            raise HTTPException(404, f"order {order_id} not found")
+        warehouse = await session.get(OrderStep, (order_id, Step.NOTIFY_WAREHOUSE.value))
+    if order.cancelled_at is not None:
+        return OrderCancelAccepted(order_id=order_id, status=order.status)
+    if warehouse is not None and warehouse.status == StepStatus.SUCCEEDED:
+        raise HTTPException(
+            409, f"order {order_id} was already sent to the warehouse; cancel it there"
+        )
+    if order.status == OrderStatus.COMPLETED:
+        raise HTTPException(409, f"order {order_id} is already completed")
+    try:
+        # Signal-with-start: the cancel reaches the workflow even if the outbox has not started
+        # it yet, and the workflow then handles it before any follow-up.
+        await start_order_workflow(
+            temporal,
+            order_id,
+            settings.TEMPORAL_TASK_QUEUE,
+            start_signal="cancel",
+            start_signal_args=[CancelRequest(actor="api")],
+        )
+    except WorkflowAlreadyStartedError as closed:
+        raise HTTPException(
+            409, f"order {order_id}'s workflow has already closed; it cannot be cancelled"
+        ) from closed
+    return OrderCancelAccepted(order_id=order_id, status="cancelling")
