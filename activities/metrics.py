@@ -94,11 +94,26 @@ class _StepMetricsInbound(ActivityInboundInterceptor):
             try:
                 result = await super().execute_activity(input)
             except Exception as failure:
-                record_step_attempt(activity_type, attempt_outcome(failure))
+                outcome = attempt_outcome(failure)
+                record_step_attempt(activity_type, outcome)
+                # activity.logger adds the order's workflow ID, the step and the attempt.
+                activity.logger.info(
+                    "step attempt %s: %s",
+                    outcome,
+                    failure,
+                    extra={"outcome": outcome, "error_type": _error_type(failure)},
+                )
                 raise
             record_step_attempt(activity_type, "succeeded")
+            activity.logger.info("step attempt succeeded", extra={"outcome": "succeeded"})
             return result
         result = await super().execute_activity(input)
         if activity_type == RECORD_DEAD_LETTER and input.args:
             record_step_attempt(str(getattr(input.args[0], "step", "unknown")), "dead_lettered")
         return result
+
+
+def _error_type(failure: BaseException) -> str:
+    if isinstance(failure, ApplicationError) and failure.type:
+        return failure.type
+    return type(failure).__name__

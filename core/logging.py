@@ -93,7 +93,8 @@ def event_fields(record: logging.LogRecord) -> dict[str, Any]:
         if "update_name" in workflow_info:
             fields["update"] = workflow_info["update_name"]
     for key, value in vars(record).items():
-        if key not in _RECORD_ATTRIBUTES and key not in _SDK_CONTEXT_KEYS:
+        # Underscored keys are the SDK's private markers (`__temporal_error_identifier`).
+        if key not in _RECORD_ATTRIBUTES and key not in _SDK_CONTEXT_KEYS and key[0] != "_":
             fields[key] = value
     return {key: value for key, value in fields.items() if value is not None}
 

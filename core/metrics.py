@@ -70,7 +70,6 @@ TEMPORAL_SDK_METRICS = frozenset(
         "temporal_activity_execution_failed",
         "temporal_activity_execution_latency",
         "temporal_worker_task_slots_available",
-        "temporal_request_failure",
     }
 )
 
