@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     TEMPORAL_NAMESPACE: str = "default"
     TEMPORAL_TASK_QUEUE: str = DEFAULT_TASK_QUEUE
     TEMPORAL_UI_URL: str = "http://127.0.0.1:8233"
+    # The dev sinks' HTTP side (`python -m devsinks`): fault controls for `orderflow sinks`.
+    SINKS_URL: str = "http://127.0.0.1:8025"
 
     SMTP_HOST: str = "127.0.0.1"
     SMTP_PORT: int = 1025
