@@ -24,7 +24,7 @@ async def main() -> None:
     smtp = Controller(mail, hostname=settings.SMTP_HOST, port=settings.SMTP_PORT)
     smtp.start()
     app = create_app(receiver)
-    app.include_router(mail_router(mail))
+    app.include_router(mail.router())
     config = uvicorn.Config(
         app,
         host="127.0.0.1",
@@ -35,40 +35,6 @@ async def main() -> None:
         await uvicorn.Server(config).serve()
     finally:
         smtp.stop()
-
-
-def mail_router(mail: MailSink):  # type: ignore[no-untyped-def]
-    from typing import Any
-
-    from fastapi import APIRouter
-
-    router = APIRouter(prefix="/mail", tags=["mail"])
-
-    @router.get("")
-    async def messages() -> list[dict[str, Any]]:
-        """Every e-mail the sink accepted."""
-        return [
-            {
-                "message_id": m.message_id,
-                "to": m.recipients,
-                "subject": str(m.message["Subject"]),
-                "body": m.message.get_content() if not m.message.is_multipart() else "",
-            }
-            for m in mail.messages
-        ]
-
-    @router.put("/faults")
-    async def set_faults(changes: dict[str, Any]) -> dict[str, object]:
-        """Change the SMTP faults: fail_next, fail_rate, status, latency_ms, reject_recipients."""
-        return mail.faults.configure(**changes).as_dict()
-
-    @router.delete("/faults")
-    async def clear_faults() -> dict[str, object]:
-        """Heal the SMTP sink."""
-        mail.faults.reset()
-        return mail.faults.faults.as_dict()
-
-    return router
 
 
 if __name__ == "__main__":

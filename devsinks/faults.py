@@ -6,6 +6,8 @@ import asyncio
 import random
 from dataclasses import asdict, dataclass, field
 
+from pydantic import BaseModel, ConfigDict, Field
+
 
 @dataclass
 class Faults:
@@ -20,9 +22,34 @@ class Faults:
         return asdict(self)
 
 
+class WarehouseFaultsIn(BaseModel):
+    """A change to the warehouse receiver's faults; fields left out keep their value."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fail_next: int = Field(default=0, ge=0)
+    fail_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    status: int = Field(default=500, ge=400, le=599)
+    retry_after: str | None = Field(default=None, max_length=64)
+    latency_ms: int = Field(default=0, ge=0, le=600_000)
+
+
+class MailFaultsIn(BaseModel):
+    """A change to the SMTP sink's faults: 4xx replies are transient, 5xx permanent."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fail_next: int = Field(default=0, ge=0)
+    fail_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    status: int = Field(default=451, ge=400, le=599)
+    latency_ms: int = Field(default=0, ge=0, le=600_000)
+    reject_recipients: list[str] = Field(default_factory=list)
+
+
 class FaultInjector:
-    def __init__(self, seed: int | None = None) -> None:
-        self.faults = Faults()
+    def __init__(self, seed: int | None = None, *, default_status: int = 500) -> None:
+        self._default_status = default_status
+        self.faults = Faults(status=default_status)
         self._random = random.Random(seed)
 
     def configure(self, **changes: object) -> Faults:
@@ -30,7 +57,7 @@ class FaultInjector:
         return self.faults
 
     def reset(self) -> None:
-        self.faults = Faults()
+        self.faults = Faults(status=self._default_status)
 
     async def delay(self) -> None:
         if self.faults.latency_ms:

@@ -9,7 +9,9 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
-from devsinks.faults import FaultInjector
+from fastapi import APIRouter
+
+from devsinks.faults import FaultInjector, MailFaultsIn
 
 
 @dataclass
@@ -28,11 +30,48 @@ class MailSink:
 
     def __init__(self, maildir: Path | None = None) -> None:
         self.maildir = maildir
-        self.faults = FaultInjector()
+        # 451 by default: a transient refusal, which the receipt activity retries.
+        self.faults = FaultInjector(default_status=451)
         self.messages: list[ReceivedMail] = []
 
     def to(self, recipient: str) -> list[ReceivedMail]:
         return [m for m in self.messages if recipient in m.recipients]
+
+    def router(self) -> APIRouter:
+        """The sink's HTTP side: read what it received, and set or clear its faults."""
+        router = APIRouter(prefix="/mail", tags=["mail"])
+
+        @router.get("")
+        async def messages() -> list[dict[str, Any]]:
+            """Every e-mail the sink accepted."""
+            return [
+                {
+                    "message_id": m.message_id,
+                    "to": m.recipients,
+                    "subject": str(m.message["Subject"]),
+                    "body": m.message.get_content() if not m.message.is_multipart() else "",
+                }
+                for m in self.messages
+            ]
+
+        @router.get("/faults")
+        async def get_faults() -> dict[str, object]:
+            """The faults in force."""
+            return self.faults.faults.as_dict()
+
+        @router.put("/faults")
+        async def set_faults(changes: MailFaultsIn) -> dict[str, object]:
+            """Change the SMTP faults: fail_next, fail_rate, status, latency_ms,
+            reject_recipients (answered 550 at RCPT)."""
+            return self.faults.configure(**changes.model_dump(exclude_unset=True)).as_dict()
+
+        @router.delete("/faults")
+        async def clear_faults() -> dict[str, object]:
+            """Heal the SMTP sink."""
+            self.faults.reset()
+            return self.faults.faults.as_dict()
+
+        return router
 
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: Any

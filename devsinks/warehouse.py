@@ -13,7 +13,7 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
 from core.signing import SIGNATURE_HEADER, verify_signature
-from devsinks.faults import FaultInjector
+from devsinks.faults import FaultInjector, WarehouseFaultsIn
 
 
 @dataclass
@@ -101,9 +101,9 @@ class WarehouseReceiver:
             return self.faults.faults.as_dict()
 
         @router.put("/webhooks/faults")
-        async def set_faults(changes: dict[str, Any]) -> dict[str, object]:
+        async def set_faults(changes: WarehouseFaultsIn) -> dict[str, object]:
             """Change the faults: fail_next, fail_rate, status, retry_after, latency_ms."""
-            return self.faults.configure(**changes).as_dict()
+            return self.faults.configure(**changes.model_dump(exclude_unset=True)).as_dict()
 
         @router.delete("/webhooks/faults")
         async def clear_faults() -> dict[str, object]:

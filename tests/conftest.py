@@ -229,3 +229,43 @@ async def api_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
 async def api(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     async with api_client(settings) as client:
         yield client
+
+
+@dataclass
+class DevSinksProcess:
+    """`python -m devsinks` as `make run` starts it, on free ports."""
+
+    http_url: str
+    smtp_port: int
+    data_dir: Path
+
+
+@pytest.fixture
+async def devsinks_process(tmp_path: Path) -> AsyncIterator[DevSinksProcess]:
+    http_port, smtp_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "SINKS_HTTP_PORT": str(http_port),
+        "SMTP_HOST": "127.0.0.1",
+        "SMTP_PORT": str(smtp_port),
+        "SINKS_DATA_DIR": str(tmp_path / "sinks"),
+        "WEBHOOK_SIGNING_SECRET": WEBHOOK_SECRET,
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "devsinks", cwd=ROOT, env=env
+    )
+    url = f"http://127.0.0.1:{http_port}"
+
+    async def serving() -> bool:
+        try:
+            async with httpx.AsyncClient() as http:
+                return (await http.get(f"{url}/webhooks/faults")).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        await wait_until(serving, within=30, message="python -m devsinks serving")
+        yield DevSinksProcess(url, smtp_port, tmp_path / "sinks")
+    finally:
+        process.terminate()
+        await process.wait()
