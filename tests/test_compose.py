@@ -42,6 +42,8 @@ EXPECTED_SERVICES = {
     "migrate",
     "api",
     "worker",
+    "prometheus",
+    "grafana",
 }
 # Read by temporalio.envconfig (the SDK's environment configuration), not by our Settings.
 TEMPORAL_ENVCONFIG_VARIABLES = {
