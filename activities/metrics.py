@@ -7,6 +7,7 @@ bookkeeping; the activities only mark the side effect itself with `side_effect_t
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +26,8 @@ from activities.retry import PERMANENT_ERROR_TYPES
 from core.contracts import STEPS
 from core.metrics import LATENCY_BUCKETS, SIDE_EFFECT_DURATION, STEP_ATTEMPTS
 
+log = logging.getLogger(__name__)
+
 RECORD_DEAD_LETTER = "record_dead_letter"
 # Finer than the SDK's defaults: a task waiting 0.5 s for a worker is already worth seeing.
 SCHEDULE_TO_START_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -35,19 +38,27 @@ def worker_runtime(bind_address: str) -> Runtime | None:
     durations in seconds; None when the address is empty (metrics off)."""
     if not bind_address:
         return None
-    return Runtime(
-        telemetry=TelemetryConfig(
-            metrics=PrometheusConfig(
-                bind_address=bind_address,
-                durations_as_seconds=True,
-                histogram_bucket_overrides={
-                    SIDE_EFFECT_DURATION: LATENCY_BUCKETS,
-                    "activity_schedule_to_start_latency": SCHEDULE_TO_START_BUCKETS,
-                    "workflow_task_schedule_to_start_latency": SCHEDULE_TO_START_BUCKETS,
-                },
-            )
-        )
+    config = PrometheusConfig(
+        bind_address=bind_address,
+        durations_as_seconds=True,
+        histogram_bucket_overrides={
+            SIDE_EFFECT_DURATION: LATENCY_BUCKETS,
+            "activity_schedule_to_start_latency": SCHEDULE_TO_START_BUCKETS,
+            "workflow_task_schedule_to_start_latency": SCHEDULE_TO_START_BUCKETS,
+        },
     )
+    try:
+        return Runtime(telemetry=TelemetryConfig(metrics=config))
+    except ValueError as failure:
+        # A second worker on one host with the same address: losing its metrics is better than
+        # losing the worker, and the scrape target going down raises OrderflowTargetDown.
+        log.error(
+            "worker metrics disabled: cannot serve on %s (%s); give each worker on a host its "
+            "own WORKER_METRICS_ADDRESS, or set it empty to turn metrics off",
+            bind_address,
+            failure,
+        )
+        return None
 
 
 def record_step_attempt(step: str, outcome: str) -> None:

@@ -277,3 +277,15 @@ async def _place(api: httpx.AsyncClient) -> str:
 
 async def _status(api: httpx.AsyncClient, order_id: str, status: str) -> bool:
     return bool((await api.get(f"/orders/{order_id}")).json()["status"] == status)
+
+
+def test_a_taken_metrics_address_costs_the_metrics_not_the_worker(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    first = worker_runtime(address)
+    assert first is not None
+    with caplog.at_level("ERROR", logger="activities.metrics"):
+        assert worker_runtime(address) is None
+    assert "worker metrics disabled" in caplog.text
+    assert worker_runtime("") is None
