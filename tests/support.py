@@ -8,6 +8,10 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import httpx
+from sqlalchemy import ColumnElement, func, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
 DEFAULT_DEADLINE_SECONDS = 20.0
 
 
@@ -51,3 +55,37 @@ def order_body(email: str | None = None, **changes: Any) -> dict[str, Any]:
 
 def new_key() -> str:
     return f"key-{uuid.uuid4().hex}"
+
+
+async def place_order(
+    api: httpx.AsyncClient, body: dict[str, Any] | None = None, key: str | None = None
+) -> str:
+    """POSTs an order (a fresh body and key unless given), asserts the 202, returns its ID."""
+    response = await api.post(
+        "/orders", json=body or order_body(), headers={"Idempotency-Key": key or new_key()}
+    )
+    assert response.status_code == 202, response.text
+    return str(response.json()["order_id"])
+
+
+async def wait_for_order_status(
+    api: httpx.AsyncClient, order_id: str, status: str
+) -> dict[str, Any]:
+    """Waits until `GET /orders/{id}` shows the status; returns that order."""
+
+    async def probe() -> dict[str, Any] | None:
+        response = await api.get(f"/orders/{order_id}")
+        assert response.status_code == 200, response.text
+        order: dict[str, Any] = response.json()
+        return order if order["status"] == status else None
+
+    found: dict[str, Any] = await wait_until(probe, within=30, message=f"{order_id} {status}")
+    return found
+
+
+async def count_rows(
+    sessions: async_sessionmaker[AsyncSession], model: type[Any], *where: ColumnElement[bool]
+) -> int:
+    """How many rows of the model's table match (all of them without a condition)."""
+    async with sessions() as session:
+        return int(await session.scalar(select(func.count()).select_from(model).where(*where)) or 0)
