@@ -269,3 +269,25 @@ async def devsinks_process(tmp_path: Path) -> AsyncIterator[DevSinksProcess]:
     finally:
         process.terminate()
         await process.wait()
+
+
+@pytest.fixture
+def own_database(database_url: str) -> Iterator[str]:
+    """A migrated database of the test's own (beside `database_url`), for a test that must see
+    only the rows it made, such as a bulk retry matching every open dead letter."""
+    url = make_url(database_url)
+    if url.get_backend_name() == "sqlite":
+        assert url.database
+        own = url.set(database=url.database.replace(".db", f"-{uuid.uuid4().hex[:8]}.db"))
+        rendered = own.render_as_string(hide_password=False)
+        _migrate(rendered)
+        yield rendered
+        return
+    name = f"orderflow_bulk_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_admin_sql(url, f'CREATE DATABASE "{name}"'))
+    rendered = url.set(database=name).render_as_string(hide_password=False)
+    try:
+        _migrate(rendered)
+        yield rendered
+    finally:
+        asyncio.run(_admin_sql(url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

@@ -5,16 +5,12 @@ timeout on the time-skipping server."""
 
 from __future__ import annotations
 
-import asyncio
 import time
-import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import make_url
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
@@ -36,7 +32,7 @@ from core.models import DeadLetter, Order
 from core.settings import Settings
 from devsinks.smtp import MailSink
 from devsinks.warehouse import WarehouseReceiver
-from tests.conftest import _admin_sql, _migrate, api_client, installed_binary, running_worker
+from tests.conftest import api_client, installed_binary, running_worker
 from tests.support import place_order, wait_for_order_status, wait_until
 
 STEP = "notify_warehouse"
@@ -190,27 +186,6 @@ async def test_list_filters_and_pages(
     none = await api.get("/dead-letters", params={"status": "open", "step": "send_receipt"})
     assert all(item["order_id"] not in orders for item in none.json()["items"])
     assert (await api.get("/dead-letters", params={"status": "lost"})).status_code == 422
-
-
-@pytest.fixture
-def own_database(database_url: str) -> Iterator[str]:
-    """A database of this test's own, so a bulk retry matches only the letters it made."""
-    url = make_url(database_url)
-    if url.get_backend_name() == "sqlite":
-        assert url.database
-        own = url.set(database=url.database.replace(".db", f"-{uuid.uuid4().hex[:8]}.db"))
-        rendered = own.render_as_string(hide_password=False)
-        _migrate(rendered)
-        yield rendered
-        return
-    name = f"orderflow_bulk_{uuid.uuid4().hex[:12]}"
-    asyncio.run(_admin_sql(url, f'CREATE DATABASE "{name}"'))
-    rendered = url.set(database=name).render_as_string(hide_password=False)
-    try:
-        _migrate(rendered)
-        yield rendered
-    finally:
-        asyncio.run(_admin_sql(url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 async def test_bulk_retry_redrives_every_match_at_the_given_pace(
