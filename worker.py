@@ -9,7 +9,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Callable, Sequence
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, suppress
 from datetime import timedelta
 from typing import Any
 
@@ -20,8 +20,8 @@ from temporalio.worker import Worker
 
 from activities.checkpoint import Checkpoint
 from activities.dead_letters import DeadLetterActivities
-from activities.orders import OrderActivities
 from activities.metrics import StepMetricsInterceptor, worker_runtime
+from activities.orders import OrderActivities
 from activities.policy import PolicyActivities
 from activities.receipt import Mailer, ReceiptActivities
 from activities.retry import Backoff
@@ -124,12 +124,17 @@ async def run(settings: Settings) -> None:
         log.info("worker polling task queue %s", settings.TEMPORAL_TASK_QUEUE)
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait({running, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        # Awaited, so a sweep in progress releases its connection before the engine is disposed.
         sweeper.cancel()
+        with suppress(asyncio.CancelledError):
+            await sweeper
         if not running.done():
             # Stops polling at once and lets running activities finish within the grace period.
             log.info("shutting down: finishing running activities")
             await worker.shutdown()
         await running
+        log.info("worker stopped")
 
 
 def main() -> None:

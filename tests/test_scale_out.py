@@ -1,0 +1,113 @@
+"""Several worker processes on one task queue: the tuning settings reach each worker (and the
+server), and when one process dies mid-activity another finishes the order."""
+
+from __future__ import annotations
+
+import signal
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from temporalio.api.enums.v1 import RateLimitSource, TaskQueueType
+from temporalio.testing import WorkflowEnvironment
+
+from core.settings import Settings
+from devsinks.smtp import MailSink
+from devsinks.warehouse import WarehouseReceiver
+from tests.conftest import running_worker
+from tests.support import new_key, order_body, wait_for_order_status, wait_until
+from tests.worker_processes import (
+    activity_runs,
+    describe_queue,
+    running_activity,
+    wait_until_polling,
+    worker_processes,
+)
+
+# Short enough that the server notices a dead worker quickly: a killed attempt is retried once
+# this start-to-close timeout passes (no heartbeat needed: every activity is one short call).
+ATTEMPT_TIMEOUT_SECONDS = 3
+
+
+async def test_worker_tuning_comes_from_the_settings(
+    env: WorkflowEnvironment, settings: Settings, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    tuned = settings.model_copy(
+        update={
+            "WORKER_MAX_CONCURRENT_ACTIVITIES": 7,
+            "WORKER_MAX_CONCURRENT_WORKFLOW_TASKS": 5,
+            "WORKER_MAX_CACHED_WORKFLOWS": 11,
+            "WORKER_MAX_TASK_QUEUE_ACTIVITIES_PER_SECOND": 12.5,
+            "WORKER_GRACEFUL_SHUTDOWN_SECONDS": 4.0,
+        }
+    )
+    async with running_worker(env.client, tuned, sessions) as worker:
+        config = worker.config()
+        assert config["task_queue"] == tuned.TEMPORAL_TASK_QUEUE
+        assert config.get("max_concurrent_activities") == 7
+        assert config.get("max_concurrent_workflow_tasks") == 5
+        assert config.get("max_cached_workflows") == 11
+        assert config.get("max_task_queue_activities_per_second") == 12.5
+        assert config.get("graceful_shutdown_timeout") == timedelta(seconds=4)
+
+        # The queue-wide rate limit travels with the polls, so the server enforces it for
+        # every worker on the queue together.
+        async def limit_set_by_a_worker() -> float | None:
+            described = await describe_queue(
+                env.client, tuned.TEMPORAL_TASK_QUEUE, TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY
+            )
+            limit = described.effective_rate_limit
+            worker_set = limit.rate_limit_source == RateLimitSource.RATE_LIMIT_SOURCE_WORKER
+            return limit.requests_per_second if worker_set else None
+
+        limit = await wait_until(limit_set_by_a_worker, within=30, message="the queue's limit")
+        assert limit == 12.5
+
+
+@pytest.mark.slow
+async def test_a_worker_killed_mid_activity_leaves_the_order_to_another(
+    env: WorkflowEnvironment,
+    settings: Settings,
+    api: httpx.AsyncClient,
+    warehouse: WarehouseReceiver,
+    mail: MailSink,
+    tmp_path: Path,
+) -> None:
+    with worker_processes(
+        2, settings, tmp_path, STEP_ATTEMPT_TIMEOUT_SECONDS=ATTEMPT_TIMEOUT_SECONDS
+    ) as workers:
+        await wait_until_polling(env.client, settings.TEMPORAL_TASK_QUEUE, workers)
+        # The warehouse takes far longer than an attempt may: the call is in flight at the kill.
+        warehouse.faults.configure(latency_ms=8_000)
+        body = order_body()
+        placed = await api.post("/orders", json=body, headers={"Idempotency-Key": new_key()})
+        assert placed.status_code == 202, placed.text
+        order_id = placed.json()["order_id"]
+
+        busy = await running_activity(env.client, order_id, "notify_warehouse")
+        [victim] = [worker for worker in workers if worker.identity == busy]
+        [survivor] = [worker for worker in workers if worker is not victim]
+        victim.signal(signal.SIGKILL)
+        assert await victim.exited() == -signal.SIGKILL
+        warehouse.faults.reset()
+
+        order = await wait_for_order_status(api, order_id, "completed")
+        assert survivor.process.poll() is None, survivor.output()
+
+    steps = {step["step"]: step for step in order["steps"]}
+    assert steps["notify_warehouse"]["status"] == "succeeded"
+    # The attempt that died is retried after its timeout, by the process still running.
+    [warehouse_run] = [
+        run
+        for run in await activity_runs(env.client, order_id)
+        if run.activity == "notify_warehouse"
+    ]
+    assert warehouse_run.outcome == "completed"
+    assert warehouse_run.started_by == survivor.identity
+    assert warehouse_run.attempt >= 2
+    # However many requests the warehouse saw, it accepted exactly one (the Idempotency-Key).
+    answers = [delivery.answered for delivery in warehouse.deliveries_for(order_id)]
+    assert answers.count(202) == 1, answers
+    assert len(mail.to(body["customer_email"])) == 1
