@@ -4,42 +4,82 @@ Chromium): real worker, Temporal dev server, warehouse receiver and database."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
 import httpx
+import pytest
 from pydantic import SecretStr
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from temporalio.client import Client
+from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from core.db import create_engine, create_sessionmaker
+from core.dead_letters import CommandRejected, DeadLetterOperator
 from core.models import DeadLetter, DeadLetterStatus
 from core.settings import Settings
 from devsinks.warehouse import WarehouseReceiver
-from tests.conftest import api_client
+from tests.conftest import api_client, running_worker
 from tests.support import new_key, order_body, wait_until
 
 SAME_ORIGIN = {"Origin": "http://orderflow.test"}
 
 
-async def park_order(
-    api: httpx.AsyncClient,
-    sessions: async_sessionmaker[AsyncSession],
-    body: dict[str, Any] | None = None,
-) -> DeadLetter:
-    """Places an order and waits until one of its steps is parked (the caller set the fault)."""
-    response = await api.post(
-        "/orders", json=body or order_body(), headers={"Idempotency-Key": new_key()}
-    )
-    assert response.status_code == 202, response.text
-    order_id = response.json()["order_id"]
-    letter: DeadLetter = await wait_until(
-        lambda: letter_where(sessions, order_id, DeadLetterStatus.OPEN),
-        within=30,
-        message=f"{order_id} parked",
-    )
-    return letter
+class Parker:
+    """Parks orders (the caller sets the fault first) and at the end discards whatever of theirs is
+    still open, so no dead letter outlives its test's worker to stall a later bulk retry."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], client: Client) -> None:
+        self.sessions = sessions
+        self.client = client
+        self.order_ids: list[str] = []
+
+    async def park(self, api: httpx.AsyncClient, body: dict[str, Any] | None = None) -> DeadLetter:
+        response = await api.post(
+            "/orders", json=body or order_body(), headers={"Idempotency-Key": new_key()}
+        )
+        assert response.status_code == 202, response.text
+        order_id = response.json()["order_id"]
+        self.order_ids.append(order_id)
+        letter: DeadLetter = await wait_until(
+            partial(letter_where, self.sessions, order_id, DeadLetterStatus.OPEN),
+            within=30,
+            message=f"{order_id} parked",
+        )
+        return letter
+
+    async def discard_leftovers(self) -> None:
+        operator = DeadLetterOperator(self.sessions, self.client)
+        for order_id in self.order_ids:
+            letter = await letter_where(self.sessions, order_id, DeadLetterStatus.OPEN)
+            if letter is not None:
+                with contextlib.suppress(CommandRejected):
+                    await operator.discard(letter.id, "left open by its test", "tests")
+
+
+@asynccontextmanager
+async def parking(
+    sessions: async_sessionmaker[AsyncSession], client: Client
+) -> AsyncIterator[Parker]:
+    parker = Parker(sessions, client)
+    try:
+        yield parker
+    finally:
+        await parker.discard_leftovers()
+
+
+@pytest.fixture
+async def parker(
+    env: WorkflowEnvironment, worker: Worker, sessions: async_sessionmaker[AsyncSession]
+) -> AsyncIterator[Parker]:
+    async with parking(sessions, env.client) as parking_lot:
+        yield parking_lot
 
 
 async def letter_where(
@@ -59,13 +99,13 @@ def flash_of(page: str) -> str:
 
 async def test_page_lists_a_parked_order_and_retry_resolves_it(
     api: httpx.AsyncClient,
-    worker: Worker,
+    parker: Parker,
     warehouse: WarehouseReceiver,
     sessions: async_sessionmaker[AsyncSession],
     settings: Settings,
 ) -> None:
     warehouse.faults.configure(fail_rate=1.0, status=500)
-    letter = await park_order(api, sessions)
+    letter = await parker.park(api)
 
     page = await api.get("/admin")
     assert page.status_code == 200
@@ -117,12 +157,12 @@ async def test_page_lists_a_parked_order_and_retry_resolves_it(
 
 async def test_discard_needs_a_reason_and_records_it(
     api: httpx.AsyncClient,
-    worker: Worker,
+    parker: Parker,
     warehouse: WarehouseReceiver,
     sessions: async_sessionmaker[AsyncSession],
 ) -> None:
     warehouse.faults.configure(fail_rate=1.0, status=500)
-    letter = await park_order(api, sessions)
+    letter = await parker.park(api)
     back = f"/admin/orders/{letter.order_id}"
     url = f"/admin/dead-letters/{letter.id}/discard"
 
@@ -149,44 +189,58 @@ async def test_discard_needs_a_reason_and_records_it(
 
 
 async def test_retry_all_for_a_step_and_error_redrives_the_group(
-    api: httpx.AsyncClient,
-    worker: Worker,
-    warehouse: WarehouseReceiver,
-    sessions: async_sessionmaker[AsyncSession],
+    env: WorkflowEnvironment, settings: Settings, own_database: str, warehouse: WarehouseReceiver
 ) -> None:
-    warehouse.faults.configure(fail_rate=1.0, status=500)
-    letters = [await park_order(api, sessions) for _ in range(2)]
-    html = (await api.get("/admin")).text
-    group = re.search(r'data-step="notify_warehouse" data-error-type="WarehouseUnavailable"', html)
-    assert group and "Retry all" in html
+    # A database of its own: "retry all" matches every open letter of the group, and this test
+    # must see only the ones it parked.
+    own = settings.model_copy(update={"DATABASE_URL": own_database})
+    engine = create_engine(own)
+    sessions = create_sessionmaker(engine)
+    try:
+        async with (
+            running_worker(env.client, own, sessions),
+            api_client(own) as api,
+            parking(sessions, env.client) as parker,
+        ):
+            warehouse.faults.configure(fail_rate=1.0, status=500)
+            letters = [await parker.park(api) for _ in range(3)]
+            html = (await api.get("/admin")).text
+            assert re.search(
+                r'data-step="notify_warehouse" data-error-type="WarehouseUnavailable"', html
+            )
+            assert "Retry all 3 for this step and error" in html
 
-    warehouse.faults.reset()
-    response = await api.post(
-        "/admin/dead-letters/retry",
-        data={"step": "notify_warehouse", "error_type": "WarehouseUnavailable", "back": "/admin"},
-        headers=SAME_ORIGIN,
-    )
-    assert response.status_code == 303
-    assert re.match(
-        r"ok: Retrying \d+ dead letter\(s\) for notify_warehouse / WarehouseUnavailable at 5 per",
-        flash_of((await api.get("/admin")).text),
-    )
-    for order_id in (letter.order_id for letter in letters):
-        await wait_until(
-            partial(letter_where, sessions, order_id, DeadLetterStatus.RESOLVED),
-            within=30,
-            message=f"{order_id} resolved by the bulk retry",
-        )
+            warehouse.faults.reset()
+            response = await api.post(
+                "/admin/dead-letters/retry",
+                data={"step": "notify_warehouse", "error_type": "WarehouseUnavailable"},
+                headers=SAME_ORIGIN,
+            )
+            assert (response.status_code, response.headers["location"]) == (303, "/admin")
+            assert flash_of((await api.get("/admin")).text) == (
+                "ok: Retrying 3 dead letter(s) for notify_warehouse / WarehouseUnavailable "
+                "at 5 per second; reload to follow."
+            )
+            for order_id in (letter.order_id for letter in letters):
+                await wait_until(
+                    partial(letter_where, sessions, order_id, DeadLetterStatus.RESOLVED),
+                    within=30,
+                    message=f"{order_id} resolved by the bulk retry",
+                )
+            html = (await api.get("/admin")).text
+            assert 'data-testid="empty"' in html
+    finally:
+        await engine.dispose()
 
 
 async def test_search_finds_an_order_by_id_or_a_unique_fragment(
     api: httpx.AsyncClient,
-    worker: Worker,
+    parker: Parker,
     warehouse: WarehouseReceiver,
     sessions: async_sessionmaker[AsyncSession],
 ) -> None:
     warehouse.faults.configure(fail_rate=1.0, status=500)
-    letter = await park_order(api, sessions)
+    letter = await parker.park(api)
     target = f"/admin/orders/{letter.order_id}"
 
     exact = await api.get("/admin/orders", params={"q": f"  {letter.order_id} "})

@@ -13,6 +13,7 @@ import base64
 import binascii
 import json
 import logging
+import re
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -104,11 +105,21 @@ def _masked_email(address: str) -> str:
     return f"{local[:1]}***@{domain}" if domain else "***"
 
 
+EMAIL = re.compile(r"([A-Za-z0-9._%+-])[A-Za-z0-9._%+-]*@([A-Za-z0-9.-]+)")
+
+
+def _mask_emails(text: str) -> str:
+    # A downstream's error often quotes the recipient; it is masked like the order's address.
+    return EMAIL.sub(r"\1***@\2", text)
+
+
 def _money(cents: int, currency: str) -> str:
     return f"{cents / 100:.2f} {currency}"
 
 
-templates.env.filters.update(ago=_ago, utc=_utc, masked_email=_masked_email)
+templates.env.filters.update(
+    ago=_ago, utc=_utc, masked_email=_masked_email, mask_emails=_mask_emails
+)
 templates.env.globals.update(money=_money)
 
 
@@ -321,7 +332,10 @@ def _timeline(
                 letter.created_at,
                 "bad",
                 f"{letter.step} parked (occurrence {letter.occurrence})",
-                f"after {letter.attempts} attempt(s): {letter.error_type}: {letter.error_message}",
+                _mask_emails(
+                    f"after {letter.attempts} attempt(s): {letter.error_type}: "
+                    f"{letter.error_message}"
+                ),
             )
         )
         if letter.status == DeadLetterStatus.RETRYING:
