@@ -13,24 +13,18 @@ import asyncio
 import sys
 from collections.abc import Sequence
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import httpx
 from sqlalchemy import make_url
-from sqlalchemy.exc import SQLAlchemyError
-from temporalio.client import Client
 
-from core.db import create_engine, create_sessionmaker
-from core.dead_letters import (
-    CommandRejected,
-    DeadLetterFilter,
-    DeadLetterNotFound,
-    DeadLetterOperator,
-    get_dead_letter,
-    list_dead_letters,
-)
-from core.models import DeadLetter, DeadLetterStatus, Step
+from core.models import DeadLetterStatus, Step
 from core.settings import Settings
-from core.temporal import connect_temporal
+
+if TYPE_CHECKING:
+    from temporalio.client import Client
+
+    from core.models import DeadLetter
 
 EXIT_REFUSED = 1
 EXIT_UNREACHABLE = 3
@@ -118,6 +112,20 @@ def describe(letter: DeadLetter) -> str:
 
 
 async def dlq(args: argparse.Namespace, settings: Settings) -> str:
+    # Imported here: the Temporal SDK takes seconds to import on a busy machine, and the `sinks`
+    # commands need none of it.
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from core.db import create_engine, create_sessionmaker
+    from core.dead_letters import (
+        CommandRejected,
+        DeadLetterFilter,
+        DeadLetterNotFound,
+        DeadLetterOperator,
+        get_dead_letter,
+        list_dead_letters,
+    )
+
     engine = create_engine(settings)
     sessions = create_sessionmaker(engine)
     try:
@@ -174,6 +182,8 @@ async def dlq(args: argparse.Namespace, settings: Settings) -> str:
 
 
 async def _temporal(settings: Settings) -> Client:
+    from core.temporal import connect_temporal
+
     try:
         return await connect_temporal(settings)
     except RuntimeError as failure:  # the SDK reports a failed connect as RuntimeError
