@@ -131,6 +131,31 @@ async def test_missing_idempotency_key_is_a_400_with_a_clear_message(
     assert await table_sizes(sessions) == before
 
 
+async def test_overlong_idempotency_key_is_a_400(
+    api: httpx.AsyncClient, sessions: Sessions
+) -> None:
+    before = await table_sizes(sessions)
+    response = await post(api, order_body(), "k" * 256)
+
+    assert response.status_code == 400
+    assert "Idempotency-Key" in response.json()["detail"]
+    assert await table_sizes(sessions) == before
+
+
+async def test_gateway_outage_is_503_and_frees_the_key_for_the_retry(
+    api: httpx.AsyncClient, sessions: Sessions
+) -> None:
+    body, key = order_body(payment_token="tok_gateway_down"), new_key()
+    down = await post(api, body, key)
+
+    assert down.status_code == 503
+    assert int(down.headers["Retry-After"]) >= 1
+    # The charge's outcome is unknown, so the key is not kept as answered or as in flight.
+    assert await rows_for_key(sessions, key) == {"orders": 0, "charges": 0, "keys": 0}
+    again = await post(api, body, key)
+    assert again.status_code == 503, "a retry is not told the key is still in progress"
+
+
 async def _hold_key(sessions: Sessions, key: str, body: dict[str, Any], lease: float) -> None:
     """Writes the key row a request leaves while it is mid-way (claimed, not yet answered)."""
     async with sessions.begin() as session:
@@ -204,6 +229,10 @@ INVALID_BODIES: dict[str, dict[str, Any]] = {
     "sku over 64 chars": order_body(items=[_item(sku="S" * 65)]),
     "too many items": order_body(items=[_item() for _ in range(101)]),
     "token not tok_": order_body(payment_token="4242424242424242"),
+    # The amount columns are 32-bit on PostgreSQL: a total beyond them is refused, not a 500.
+    "total over 2**31 cents": order_body(
+        items=[_item(quantity=10_000, unit_price_cents=100_000_000)]
+    ),
     "missing token": {k: v for k, v in order_body().items() if k != "payment_token"},
 }
 
