@@ -67,6 +67,7 @@ async def test_webhook_always_500_is_dead_lettered_then_retried_through_the_api(
     assert letter["error_type"] == "WarehouseUnavailable"
     assert letter["permanent"] is False
     assert letter["workflow_id"] == order_id
+    assert letter["created_at"]
     # The dead letter is written once the retries are spent, so no attempt can follow it.
     deliveries = warehouse.deliveries_for(order_id)
     assert len(deliveries) == settings.RETRY_MAX_ATTEMPTS
