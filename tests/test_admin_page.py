@@ -20,6 +20,7 @@ from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from api.routes import admin
 from core.db import create_engine, create_sessionmaker
 from core.dead_letters import CommandRejected, DeadLetterOperator
 from core.models import DeadLetter, DeadLetterStatus
@@ -288,3 +289,41 @@ async def test_admin_keys_guard_the_page_with_basic_or_bearer(settings: Settings
             headers={"Authorization": f"Basic {basic}", "Origin": "null"},
         )
         assert null_origin.status_code == 403
+
+
+async def test_retry_without_a_worker_answers_instead_of_hanging(
+    env: WorkflowEnvironment,
+    api: httpx.AsyncClient,
+    settings: Settings,
+    warehouse: WarehouseReceiver,
+    sessions: async_sessionmaker[AsyncSession],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(admin, "ACTION_TIMEOUT_SECONDS", 2.0)
+    warehouse.faults.configure(fail_rate=1.0, status=500)
+    async with running_worker(env.client, settings, sessions):
+        letter = await Parker(sessions, env.client).park(api)
+    warehouse.faults.reset()
+
+    response = await api.post(
+        f"/admin/dead-letters/{letter.id}/retry", data={"back": "/admin"}, headers=SAME_ORIGIN
+    )
+    assert response.status_code == 303
+    flash = flash_of((await api.get("/admin")).text)
+    assert flash.startswith(f"error: Retry of dead letter {letter.id} not confirmed within 2 s")
+
+    # Once a worker is back, the operator retries again: accepted, or refused because the first
+    # update did reach the workflow after all. Either way the step runs and the letter resolves.
+    monkeypatch.setattr(admin, "ACTION_TIMEOUT_SECONDS", 30.0)
+    async with running_worker(env.client, settings, sessions):
+        again = await api.post(
+            f"/admin/dead-letters/{letter.id}/retry", data={"back": "/admin"}, headers=SAME_ORIGIN
+        )
+        assert again.status_code == 303
+        flash = flash_of((await api.get("/admin")).text)
+        assert flash.startswith(("ok: Retrying", "error: Retry refused")), flash
+        await wait_until(
+            partial(letter_where, sessions, letter.order_id, DeadLetterStatus.RESOLVED),
+            within=30,
+            message="the retry ran once a worker was back",
+        )

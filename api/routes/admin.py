@@ -31,6 +31,7 @@ from temporalio.client import (
     WorkflowExecutionDescription,
     WorkflowQueryFailedError,
     WorkflowQueryRejectedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
 )
 from temporalio.service import RPCError
 
@@ -59,6 +60,11 @@ PAGE_ROWS = 500
 BULK_PER_SECOND = 5.0
 BULK_LIMIT = 1000
 QUERY_TIMEOUT = timedelta(seconds=3)
+# A retry or discard waits for the workflow to take it, which needs a worker; with none running the
+# button would spin forever. The page stops waiting instead. The server may or may not keep the
+# update it admitted (admitted updates are not durable), so the operator retries once a worker is
+# back; if the first one did land, the second is refused as not open / already pending.
+ACTION_TIMEOUT_SECONDS = 15.0
 FLASH_COOKIE = "orderflow_flash"
 FLASH_LEVELS = ("ok", "error")
 
@@ -452,6 +458,14 @@ async def order_page(
 # --- actions ----------------------------------------------------------------------------------
 
 
+def _unconfirmed(action: str, dead_letter_id: int) -> str:
+    return (
+        f"{action} of dead letter {dead_letter_id} not confirmed within "
+        f"{ACTION_TIMEOUT_SECONDS:g} s: is a worker running? The workflow may still take it "
+        "when one is back; reload to check before trying again."
+    )
+
+
 @router.post("/dead-letters/{dead_letter_id}/retry", name="admin_retry", dependencies=SameOrigin)
 async def retry(
     dead_letter_id: int,
@@ -460,9 +474,13 @@ async def retry(
     back: Annotated[str, Form()] = "/admin",
 ) -> Response:
     try:
-        letter = await DeadLetterOperator(sessions, temporal).retry(dead_letter_id)
+        letter = await asyncio.wait_for(
+            DeadLetterOperator(sessions, temporal).retry(dead_letter_id), ACTION_TIMEOUT_SECONDS
+        )
     except (DeadLetterNotFound, CommandRejected) as refused:
         return _redirect(back, "error", f"Retry refused: {refused}")
+    except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):
+        return _redirect(back, "error", _unconfirmed("Retry", dead_letter_id))
     return _redirect(
         back,
         "ok",
@@ -485,11 +503,16 @@ async def discard(
     if not reason.strip():
         return _redirect(back, "error", "Discard needs a reason: say why this step is given up")
     try:
-        letter = await DeadLetterOperator(sessions, temporal).discard(
-            dead_letter_id, reason.strip(), _actor(request)
+        letter = await asyncio.wait_for(
+            DeadLetterOperator(sessions, temporal).discard(
+                dead_letter_id, reason.strip(), _actor(request)
+            ),
+            ACTION_TIMEOUT_SECONDS,
         )
     except (DeadLetterNotFound, CommandRejected) as refused:
         return _redirect(back, "error", f"Discard refused: {refused}")
+    except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):
+        return _redirect(back, "error", _unconfirmed("Discard", dead_letter_id))
     return _redirect(
         back, "ok", f"Discarded {letter.step} of order {letter.order_id} (dead letter {letter.id})."
     )
