@@ -1,0 +1,299 @@
+"""Retries that do not stampede: full-jitter backoff computed in the activity, `Retry-After`
+honoured and capped, and a total time budget per step.
+
+The unit tests pin the arithmetic; the integration tests watch the attempts arrive at the real
+warehouse receiver (dev server) or read their scheduled times in the activity (time-skipping
+server, for waits of minutes)."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime, formatdate
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from temporalio import activity
+from temporalio.testing import WorkflowEnvironment
+
+from activities.checkpoint import BEFORE_EFFECT
+from activities.retry import MIN_RETRY_DELAY_SECONDS, Backoff, parse_retry_after, permanent
+from core.models import DeadLetter
+from core.settings import Settings
+from devsinks.warehouse import WarehouseReceiver
+from tests.conftest import api_client, running_worker
+from tests.support import place_order, wait_for_order_status, wait_until
+
+NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
+
+
+def backoff(**changes: Any) -> Backoff:
+    values: dict[str, Any] = {
+        "RETRY_INITIAL_INTERVAL_SECONDS": 1.0,
+        "RETRY_BACKOFF_COEFFICIENT": 2.0,
+        "RETRY_MAX_INTERVAL_SECONDS": 60.0,
+        "RETRY_JITTER_SEED": 7,
+    }
+    values.update(changes)
+    return Backoff(Settings(**values))
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        ("120", 120.0),
+        (" 7 ", 7.0),
+        ("0", 0.0),
+        (format_datetime(NOW + timedelta(seconds=30), usegmt=True), 30.0),
+        ("Sun, 01 Mar 2026 12:01:30 GMT", 90.0),
+        # A date already past means "now", never a negative wait.
+        (format_datetime(NOW - timedelta(minutes=5), usegmt=True), 0.0),
+        (None, None),
+        ("", None),
+        ("soon", None),
+        ("1.5", None),
+        ("-3", None),
+        ("²", None),
+    ],
+)
+def test_parse_retry_after_reads_seconds_and_http_dates(
+    header: str | None, seconds: float | None
+) -> None:
+    assert parse_retry_after(header, now=NOW) == seconds
+
+
+def test_ceiling_grows_by_the_coefficient_and_stops_at_the_cap() -> None:
+    ceilings = [backoff().ceiling(attempt) for attempt in range(1, 10)]
+    assert ceilings == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0]
+    assert backoff().ceiling(10_000) == 60.0
+
+
+def test_full_jitter_draws_between_zero_and_the_ceiling_and_is_reproducible_by_seed() -> None:
+    first, second, other = backoff(), backoff(), backoff(RETRY_JITTER_SEED=8)
+    draws = [first.delay(4).total_seconds() for _ in range(500)]
+    assert all(0 < d <= 8.0 for d in draws)
+    assert draws == [second.delay(4).total_seconds() for _ in range(500)]
+    assert draws != [other.delay(4).total_seconds() for _ in range(500)]
+    # Spread over the whole range, not bunched: uniform on [0, 8] has a standard deviation of 2.31.
+    mean = sum(draws) / len(draws)
+    stdev = math.sqrt(sum((d - mean) ** 2 for d in draws) / len(draws))
+    assert 3.0 < mean < 5.0 and stdev > 1.8
+
+
+def test_without_jitter_the_delay_is_the_ceiling() -> None:
+    plain = backoff(RETRY_JITTER="none")
+    assert [plain.delay(n).total_seconds() for n in (1, 2, 3, 8)] == [1.0, 2.0, 4.0, 60.0]
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "floor", "ceiling"),
+    [
+        (30.0, 30.0, 30.0 + 1e-9),  # above the jittered draw (at most 1 s): the server's word
+        (600.0, 60.0, 60.0),  # beyond RETRY_MAX_INTERVAL_SECONDS: capped
+        (0.0, MIN_RETRY_DELAY_SECONDS, 1.0),  # "now": the jitter decides
+    ],
+)
+def test_retry_after_is_honoured_and_capped(
+    retry_after: float, floor: float, ceiling: float
+) -> None:
+    b = backoff()
+    for _ in range(200):
+        assert floor <= b.delay(1, retry_after).total_seconds() <= ceiling
+
+
+class _ZeroDraws(random.Random):
+    def uniform(self, a: float, b: float) -> float:
+        return 0.0
+
+
+def test_a_zero_draw_still_sends_a_delay() -> None:
+    # A zero next_retry_delay is not sent at all, and Temporal would wait the policy's interval.
+    b = backoff()
+    b._random = _ZeroDraws()
+    assert b.delay(3).total_seconds() == MIN_RETRY_DELAY_SECONDS
+    assert b.retryable("down", error_type="WarehouseUnavailable", attempt=3).next_retry_delay
+
+
+def test_retryable_and_permanent_errors_carry_their_type() -> None:
+    error = backoff().retryable("down", error_type="WarehouseUnavailable", attempt=2)
+    assert error.type == "WarehouseUnavailable" and not error.non_retryable
+    assert error.next_retry_delay is not None
+    assert timedelta(0) < error.next_retry_delay <= timedelta(seconds=2)
+    rejected = permanent("no such mailbox", error_type="MailboxRejected")
+    assert rejected.type == "MailboxRejected" and rejected.non_retryable
+    assert rejected.next_retry_delay is None
+
+
+# Integration: attempts as the warehouse receiver saw them (dev server, real time).
+
+
+def attempt_times(warehouse: WarehouseReceiver, order_id: str) -> list[float]:
+    return [d.received_at for d in warehouse.deliveries_for(order_id)]
+
+
+@pytest.mark.parametrize(
+    ("status", "retry_after_in"), [(429, "seconds"), (503, "http-date")], ids=str
+)
+async def test_next_attempt_waits_for_retry_after(
+    status: int,
+    retry_after_in: str,
+    settings: Settings,
+    env: WorkflowEnvironment,
+    sessions: async_sessionmaker[AsyncSession],
+    warehouse: WarehouseReceiver,
+) -> None:
+    roomy = settings.model_copy(update={"RETRY_MAX_INTERVAL_SECONDS": 10.0})
+    if retry_after_in == "seconds":
+        header, not_before = "2", None
+    else:
+        # HTTP dates have whole seconds: the retry may not come before that instant.
+        at = math.ceil(time.time()) + 3
+        header, not_before = formatdate(at, usegmt=True), float(at)
+    warehouse.faults.configure(fail_next=1, status=status, retry_after=header)
+
+    async with running_worker(env.client, roomy, sessions), api_client(roomy) as api:
+        order_id = await place_order(api)
+        await wait_for_order_status(api, order_id, "completed")
+
+    first, second = attempt_times(warehouse, order_id)
+    assert [d.answered for d in warehouse.deliveries_for(order_id)] == [status, 202]
+    if not_before is None:
+        # The failure reached Temporal after the receiver answered, so the gap is at least 2 s.
+        assert second - first >= 2.0
+    else:
+        assert second >= not_before
+
+
+async def test_retry_after_beyond_the_cap_waits_the_cap(
+    settings: Settings,
+    env: WorkflowEnvironment,
+    sessions: async_sessionmaker[AsyncSession],
+    warehouse: WarehouseReceiver,
+) -> None:
+    capped = settings.model_copy(update={"RETRY_MAX_INTERVAL_SECONDS": 1.0})
+    warehouse.faults.configure(fail_next=1, status=429, retry_after="3600")
+
+    async with running_worker(env.client, capped, sessions), api_client(capped) as api:
+        order_id = await place_order(api)
+        # Completes within the test's deadline only because the hour was capped to a second.
+        await wait_for_order_status(api, order_id, "completed")
+
+    first, second = attempt_times(warehouse, order_id)
+    assert second - first >= 1.0
+
+
+# Integration on the time-skipping server: waits of minutes, read as Temporal scheduled them.
+
+
+def on(environment: WorkflowEnvironment, settings: Settings, **changes: Any) -> Settings:
+    return settings.model_copy(
+        update={
+            "TEMPORAL_ADDRESS": environment.client.service_client.config.target_host,
+            "TEMPORAL_TASK_QUEUE": f"orders-{uuid.uuid4()}",
+            **changes,
+        }
+    )
+
+
+async def first_delivery(warehouse: WarehouseReceiver, order_id: str) -> None:
+    # Skip time only once the first attempt has failed, so the skip lands on its backoff timer.
+    await wait_until(
+        lambda: warehouse.deliveries_for(order_id), within=30, message="the first delivery"
+    )
+
+
+class AttemptClock:
+    """A checkpoint that notes, in the server's time, when each attempt of notify_warehouse
+    started (not when it was scheduled: the time-skipping server stamps a retry's scheduled time
+    when the previous attempt failed, before the backoff)."""
+
+    def __init__(self) -> None:
+        self.started: list[datetime] = []
+
+    async def __call__(self, point: str) -> None:
+        info = activity.info()
+        if point == BEFORE_EFFECT and info.activity_type == "notify_warehouse":
+            self.started.append(info.started_time)
+
+    def gaps(self) -> list[float]:
+        pairs = zip(self.started, self.started[1:], strict=False)
+        return [(later - earlier).total_seconds() for earlier, later in pairs]
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "expected_wait"),
+    [("120", 120.0), ("3600", 300.0)],
+    ids=["honoured", "capped"],
+)
+async def test_long_retry_after_on_the_time_skipping_server(
+    retry_after: str,
+    expected_wait: float,
+    time_skipping: WorkflowEnvironment,
+    settings: Settings,
+    sessions: async_sessionmaker[AsyncSession],
+    warehouse: WarehouseReceiver,
+) -> None:
+    # Jitter tops out at 0.05 s here, so the wait is the server's (or the cap's) to the second.
+    slow = on(time_skipping, settings, RETRY_MAX_INTERVAL_SECONDS=300.0)
+    warehouse.faults.configure(fail_next=1, status=429, retry_after=retry_after)
+    clock = AttemptClock()
+
+    async with (
+        running_worker(time_skipping.client, slow, sessions, checkpoint=clock),
+        api_client(slow) as api,
+    ):
+        order_id = await place_order(api)
+        await first_delivery(warehouse, order_id)
+        # The server skips through the backoff timer, firing it at its scheduled time.
+        await time_skipping.sleep(timedelta(seconds=expected_wait + 10))
+        await wait_for_order_status(api, order_id, "completed")
+
+    [gap] = clock.gaps()
+    assert expected_wait <= gap < expected_wait + 5
+
+
+async def test_step_is_dead_lettered_when_its_total_budget_runs_out(
+    time_skipping: WorkflowEnvironment,
+    settings: Settings,
+    sessions: async_sessionmaker[AsyncSession],
+    warehouse: WarehouseReceiver,
+) -> None:
+    # Attempts alone would allow a thousand tries; the 100 s budget allows about four.
+    budgeted = on(
+        time_skipping,
+        settings,
+        RETRY_MAX_ATTEMPTS=1000,
+        RETRY_MAX_INTERVAL_SECONDS=60.0,
+        STEP_TOTAL_TIMEOUT_SECONDS=100.0,
+        STEP_ATTEMPT_TIMEOUT_SECONDS=10.0,
+        PARK_TIMEOUT_SECONDS=3600.0,
+    )
+    warehouse.faults.configure(fail_rate=1.0, status=503, retry_after="30")
+    clock = AttemptClock()
+
+    async with (
+        running_worker(time_skipping.client, budgeted, sessions, checkpoint=clock),
+        api_client(budgeted) as api,
+    ):
+        order_id = await place_order(api)
+        await first_delivery(warehouse, order_id)
+        await time_skipping.sleep(timedelta(seconds=150))
+        await wait_for_order_status(api, order_id, "needs_attention")
+
+    tries = len(warehouse.deliveries_for(order_id))
+    assert 2 <= tries <= 5, tries
+    assert all(gap >= 30.0 for gap in clock.gaps())
+    assert (clock.started[-1] - clock.started[0]).total_seconds() <= 100.0
+    async with sessions() as session:
+        [letter] = (
+            await session.scalars(select(DeadLetter).where(DeadLetter.order_id == order_id))
+        ).all()
+    print(f"\n[budget] {tries} attempts, gaps {clock.gaps()} s, dead letter {letter.error_type}")
+    assert letter.step == "notify_warehouse"
+    assert not letter.permanent
+    assert letter.error_type in {"WarehouseUnavailable", "Timeout.SCHEDULE_TO_CLOSE"}
