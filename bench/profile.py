@@ -63,11 +63,17 @@ def summarize(raw: Path, *, top: int = 25) -> dict[str, object]:
         for frame in set(frames):
             inclusive[frame] += count
 
+    def ours(frame: str) -> bool:
+        function, _, where = frame.partition(" (")
+        return (
+            function != "<module>" and where.startswith(OURS) and not where.startswith("worker.py")
+        )
+
     def share(counter: Counter[str], only_ours: bool = False) -> list[tuple[str, float]]:
         rows = [
             (frame, 100 * n / total)
             for frame, n in counter.most_common()
-            if not only_ours or any(mark in frame for mark in OURS)
+            if not only_ours or ours(frame)
         ]
         return rows[:top]
 

@@ -90,6 +90,8 @@ def _markdown(results: dict[str, Any], plots: dict[str, str], label: str) -> lis
     lines += _intake_section(results, plots)
     lines += _e2e_section(results, plots)
     lines += _parked_section(results, plots)
+    lines += _history_section(results)
+    lines += _profile_section(results)
     lines += _targets(results)
     if results.get("notes"):
         lines += ["### Run notes", ""] + [f"- {note}" for note in results["notes"]] + [""]
@@ -227,17 +229,73 @@ def _parked_section(results: dict[str, Any], plots: dict[str, str]) -> list[str]
         "and its workflow waits for an operator (parked). The worker's RSS is sampled as the "
         "parked count grows, with `WORKER_MAX_CACHED_WORKFLOWS` small and at its default.",
         "",
-        "| WORKER_MAX_CACHED_WORKFLOWS | parked | worker RSS before MiB | after MiB | growth MiB |",
-        "|---:|---:|---:|---:|---:|",
+        "| WORKER_MAX_CACHED_WORKFLOWS | parked | worker RSS before MiB | after MiB | growth MiB "
+        "| MiB per 100 parked |",
+        "|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
+        growth = row["rss_end_mib"] - row["rss_start_mib"]
+        slope = 100 * growth / row["parked"] if row["parked"] else float("nan")
         lines.append(
             f"| {row['cache']} | {row['parked']}/{row['n']} | {_f(row['rss_start_mib'], 0)} | "
-            f"{_f(row['rss_end_mib'], 0)} | {_f(row['rss_end_mib'] - row['rss_start_mib'], 0)} |"
+            f"{_f(row['rss_end_mib'], 0)} | {_f(growth, 0)} | {_f(slope, 1)} |"
         )
     lines.append("")
     if "parked" in plots:
         lines += [f"![worker memory with parked orders]({plots['parked']})", ""]
+    return lines
+
+
+def _history_section(results: dict[str, Any]) -> list[str]:
+    history = results.get("history") or {}
+    if not history.get("bare") or not history.get("orderflow"):
+        return []
+    kinds = sorted(set(history["bare"]["by_type"]) | set(history["orderflow"]["by_type"]))
+    lines = [
+        "## What the server does per order",
+        "",
+        "Events in one completed workflow's history (the server's work grows with these, and "
+        "with the visibility writes that search attributes cause):",
+        "",
+        "| event | bare workflow | OrderWorkflow |",
+        "|---|---:|---:|",
+    ]
+    for kind in kinds:
+        name = kind.removesuffix("_event_attributes")
+        bare = history["bare"]["by_type"].get(kind, 0)
+        ours = history["orderflow"]["by_type"].get(kind, 0)
+        lines.append(f"| {name} | {bare} | {ours} |")
+    lines += [
+        f"| **total** | {history['bare']['events']} | {history['orderflow']['events']} |",
+        "",
+    ]
+    return lines
+
+
+def _profile_section(results: dict[str, Any]) -> list[str]:
+    profiles = results.get("profiles") or {}
+    if not profiles:
+        return []
+    lines = [
+        "## Profile (py-spy, largest one-worker burst)",
+        "",
+        "Share of the samples of active threads in which each of our functions was on the stack "
+        "(`python -m bench --profile`; full summaries in `.data/bench/profiles/`).",
+        "",
+    ]
+    for name, summary in profiles.items():
+        lines += [
+            f"**{name}** ({summary['samples']} samples)",
+            "",
+            "| function | % |",
+            "|---|---:|",
+        ]
+        for frame, pct in summary["ours"][:12]:
+            lines.append(f"| `{frame}` | {pct:.1f} |")
+        lines += ["", "Top self time:", "", "| function | % |", "|---|---:|"]
+        for frame, pct in summary["self"][:6]:
+            lines.append(f"| `{frame}` | {pct:.1f} |")
+        lines.append("")
     return lines
 
 
@@ -295,8 +353,8 @@ def _targets(results: dict[str, Any]) -> list[str]:
         lines.append(
             f"| no memory growth with parked orders beyond the cache bound "
             f"(cache {row['cache']}) | "
-            f"+{_f(growth, 0)} MiB over {row['parked']} parked{other}; "
-            f"+{_f(flat, 0)} MiB after the cache filled | "
+            f"{growth:+.0f} MiB over {row['parked']} parked{other}; "
+            f"{flat:+.0f} MiB after the cache filled | "
             f"{_verdict(None if math.isnan(flat) else flat <= 0.05 * row['rss_start_mib'] + 5)} |"
         )
     lines.append("")
