@@ -634,7 +634,7 @@ def main() -> None:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="run the worker and the API of the largest one-worker burst under pyinstrument",
+        help="run the worker and the API of the largest one-worker burst under py-spy",
     )
     parser.add_argument(
         "--set",
