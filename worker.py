@@ -9,7 +9,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Callable, Sequence
-from contextlib import AsyncExitStack, suppress
+from contextlib import AsyncExitStack
 from datetime import timedelta
 from typing import Any
 
@@ -36,6 +36,8 @@ from core.tracing import sandbox_runner, tracing_from_environment
 from workflows.order import OrderWorkflow
 
 log = logging.getLogger("orderflow.worker")
+# Ample for the sweep in progress to finish normally; one stuck longer is cancelled.
+SWEEPER_STOP_SECONDS = 15.0
 
 
 def create_activities(
@@ -117,6 +119,7 @@ async def run(settings: Settings) -> None:
                 grace=timedelta(seconds=settings.OUTBOX_GRACE_SECONDS),
                 interval=timedelta(seconds=settings.OUTBOX_SWEEP_INTERVAL_SECONDS),
                 batch=settings.OUTBOX_SWEEP_BATCH,
+                stop=stop,
             ),
             name="outbox-sweeper",
         )
@@ -125,15 +128,20 @@ async def run(settings: Settings) -> None:
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait({running, stopped}, return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
-        # Awaited, so a sweep in progress releases its connection before the engine is disposed.
-        sweeper.cancel()
-        with suppress(asyncio.CancelledError):
-            await sweeper
-        if not running.done():
-            # Stops polling at once and lets running activities finish within the grace period.
-            log.info("shutting down: finishing running activities")
-            await worker.shutdown()
-        await running
+        stop.set()  # the sweeper ends after the sweep in progress
+        try:
+            if not running.done():
+                # Stops polling at once and lets running activities finish within the grace period.
+                log.info("shutting down: finishing running activities")
+                await worker.shutdown()
+            await running
+        finally:
+            # Awaited, not cancelled: a sweep cut off mid-query breaks its database connection,
+            # and the engine is disposed right after this.
+            try:
+                await asyncio.wait_for(sweeper, SWEEPER_STOP_SECONDS)
+            except TimeoutError:
+                log.warning("outbox sweeper still busy after %ss; cancelled", SWEEPER_STOP_SECONDS)
         log.info("worker stopped")
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from contextlib import suppress
 from datetime import timedelta
 
 from sqlalchemy import Select, select, update
@@ -135,12 +136,17 @@ async def run_sweeper(
     grace: timedelta,
     interval: timedelta,
     batch: int,
+    stop: asyncio.Event | None = None,
 ) -> None:
-    while True:
+    """Sweeps every interval until `stop` is set; a sweep in progress finishes first, because
+    cancelling one mid-query breaks its database connection (asyncpg logs the loss)."""
+    stop = stop or asyncio.Event()
+    while not stop.is_set():
         try:
             started = await sweep_once(sessions, client, task_queue, grace=grace, batch=batch)
             if started:
                 log.info("sweeper started workflows", extra={"count": started})
         except Exception:
             log.exception("outbox sweep failed; trying again next interval")
-        await asyncio.sleep(interval.total_seconds())
+        with suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval.total_seconds())

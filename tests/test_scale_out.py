@@ -78,7 +78,7 @@ async def test_a_worker_killed_mid_activity_leaves_the_order_to_another(
     with worker_processes(
         2, settings, tmp_path, STEP_ATTEMPT_TIMEOUT_SECONDS=ATTEMPT_TIMEOUT_SECONDS
     ) as workers:
-        await wait_until_polling(env.client, settings.TEMPORAL_TASK_QUEUE, workers)
+        await wait_until_polling(workers)
         # The warehouse takes far longer than an attempt may: the call is in flight at the kill.
         warehouse.faults.configure(latency_ms=8_000)
         body = order_body()
@@ -104,8 +104,9 @@ async def test_a_worker_killed_mid_activity_leaves_the_order_to_another(
         for run in await activity_runs(env.client, order_id)
         if run.activity == "notify_warehouse"
     ]
-    assert warehouse_run.outcome == "completed"
-    assert warehouse_run.started_by == survivor.identity
+    assert (warehouse_run.started_by, warehouse_run.outcome) == (survivor.identity, "completed"), (
+        warehouse_run
+    )
     assert warehouse_run.attempt >= 2
     # However many requests the warehouse saw, it accepted exactly one (the Idempotency-Key).
     answers = [delivery.answered for delivery in warehouse.deliveries_for(order_id)]
