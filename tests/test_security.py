@@ -26,11 +26,13 @@ from pydantic import SecretStr, ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.requests import Request
 from starlette.responses import JSONResponse
+from starlette.routing import Mount
 from starlette.types import Receive, Scope, Send
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from api.limits import MAX_BODY_BYTES
+from api.main import create_app
 from core.models import Order, PaymentCharge
 from core.settings import Settings
 from core.signing import SIGNATURE_HEADER, sign, verify_signature
@@ -220,6 +222,34 @@ async def test_dead_letter_endpoints_take_the_admin_key(
     response = await secured.get("/dead-letters", headers=headers)
     assert response.status_code == 200, response.text
     assert "items" in response.json()
+
+
+# Everything else the app serves needs a key: a route added later is guarded or listed here.
+OPEN_PATHS = {"/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc"}
+OPEN_PATHS |= {"/openapi.json"}
+OPEN_PREFIXES = ("/admin/static",)  # stylesheets for the login-protected pages
+
+
+async def test_every_route_but_the_probes_needs_a_key(
+    settings: Settings, secured: httpx.AsyncClient
+) -> None:
+    app = create_app(with_keys(settings))
+    checked = []
+    for route_path, operations in app.openapi()["paths"].items():
+        if route_path in OPEN_PATHS:
+            continue
+        path = re.sub(r"\{[^}]+\}", "1", route_path)
+        admin = not route_path.startswith("/orders")
+        for method in operations:
+            wrong_key = bearer(ORDER_KEY if admin else ADMIN_KEY)
+            for headers in ({}, wrong_key):
+                response = await secured.request(method, path, headers=headers)
+                assert response.status_code == 401, (method, path, headers, response.text)
+            checked.append(f"{method.upper()} {route_path}")
+    assert {"POST /orders", "GET /dead-letters", "GET /admin"} <= set(checked), checked
+    for route in app.routes:
+        if isinstance(route, Mount):
+            assert route.path.startswith(OPEN_PREFIXES), route.path
 
 
 async def test_probes_and_metrics_stay_open(secured: httpx.AsyncClient) -> None:
