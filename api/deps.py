@@ -107,8 +107,17 @@ async def require_api_key(
 async def require_admin_key(
     request: Request, _: Annotated[_Credentials, Security(_admin_scheme)]
 ) -> None:
-    """Guards the operator's endpoints (dead letters, /admin) with ADMIN_API_KEYS; takes Bearer,
-    or Basic with the key as the password so a browser can open the admin pages."""
+    """Guards the operator's JSON endpoints (dead letters) with ADMIN_API_KEYS, Bearer only: a
+    browser resends Basic credentials by itself, so accepting them here would let any other site's
+    form redrive or discard dead letters (the /admin pages, which take Basic, check the origin)."""
+    _guard(request, get_settings(request).ADMIN_API_KEYS, admin=False)
+
+
+async def require_admin_login(
+    request: Request, _: Annotated[_Credentials, Security(_admin_scheme)]
+) -> None:
+    """Guards the /admin pages with ADMIN_API_KEYS; takes Bearer, or Basic with the key as the
+    password so a browser shows a login prompt. Its POSTs must also pass the same-origin check."""
     _guard(request, get_settings(request).ADMIN_API_KEYS, admin=True)
 
 
@@ -116,6 +125,7 @@ async def require_admin_key(
 # `dependencies=[...]`.
 RequireApiKey = Annotated[None, Depends(require_api_key)]
 RequireAdminKey = Annotated[None, Depends(require_admin_key)]
+RequireAdminLogin = Annotated[None, Depends(require_admin_login)]
 
 
 def check_api_keys(settings: Settings, log: logging.Logger) -> None:

@@ -247,4 +247,14 @@ async def test_admin_keys_prompt_and_cross_site_posts_refused(
         async with page.expect_response(f"{live}/admin/dead-letters/1/retry") as posted:
             await page.click("#go")
         assert (await posted.value).status == 403
+
+        # The JSON API has no origin check, so it must not take the browser's Basic login at all.
+        await page.goto("about:blank")
+        await page.set_content(
+            f'<form method="post" action="{live}/dead-letters/1/retry">'
+            '<button id="go">go</button></form>'
+        )
+        async with page.expect_response(f"{live}/dead-letters/1/retry") as posted:
+            await page.click("#go")
+        assert (await posted.value).status == 401
         await context.close()

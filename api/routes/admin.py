@@ -1,7 +1,7 @@
 """The review page for parked orders: server-rendered HTML over the same DeadLetterOperator the
 API and the CLI use, so the page can do nothing the API could not.
 
-Access: `require_admin_key` (ADMIN_API_KEYS; Bearer, or HTTP Basic with the key as the password
+Access: `require_admin_login` (ADMIN_API_KEYS; Bearer, or HTTP Basic with the key as the password
 so a browser shows its login prompt). Because a browser resends Basic credentials on its own, every
 POST here must also come from this page's origin (`Origin`, else `Referer`, must name the `Host`
 the request was sent to); a form on another site cannot pass that check."""
@@ -35,7 +35,7 @@ from temporalio.client import (
 )
 from temporalio.service import RPCError
 
-from api.deps import SessionsDep, SettingsDep, TemporalDep, require_admin_key
+from api.deps import SessionsDep, SettingsDep, TemporalDep, require_admin_login
 from core.contracts import OrderWorkflowStatus
 from core.dead_letters import (
     CommandRejected,
@@ -82,7 +82,7 @@ async def require_same_origin(request: Request) -> None:
         raise HTTPException(403, "cross-origin form post refused: submit it from the admin page")
 
 
-router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin_key)])
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin_login)])
 SameOrigin = [Depends(require_same_origin)]
 
 
