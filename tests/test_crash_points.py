@@ -23,6 +23,7 @@ import pytest
 from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio import activity
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
@@ -108,7 +109,20 @@ async def observe(
 async def wait_for_workflow(client: Client, order_id: str) -> None:
     # The ledger marks the order completed before Temporal hears of the last step; the history
     # holds every attempt only once the workflow itself has closed.
-    await asyncio.wait_for(client.get_workflow_handle(order_id).result(), timeout=30)
+    handle = client.get_workflow_handle(order_id)
+    try:
+        await asyncio.wait_for(handle.result(), timeout=60)
+    except TimeoutError:
+        history = await handle.fetch_history()
+        pending = (await handle.describe()).raw_description
+        events = [
+            EventType.Name(event.event_type)[len("EVENT_TYPE_") :] for event in history.events
+        ]
+        raise AssertionError(
+            f"workflow {order_id} still open after 60 s; history: {events}; "
+            f"pending workflow task: {pending.pending_workflow_task}; "
+            f"pending activities: {list(pending.pending_activities)}"
+        ) from None
 
 
 async def completed_attempts(client: Client, order_id: str) -> dict[str, list[tuple[int, str]]]:
