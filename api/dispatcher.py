@@ -36,15 +36,23 @@ class WorkflowDispatcher:
 
     async def submit(self, order_id: str) -> None:
         annotate_order(order_id)
-        start = dispatch(
-            self._sessions, self._client, order_id, self._task_queue, rpc_timeout=self._timeout
-        )
         if self._mode == "request":
-            await start
+            await self._start(order_id)
             return
-        task = asyncio.create_task(start, name=f"start-workflow-{order_id}")
+        task = asyncio.create_task(self._start(order_id), name=f"start-workflow-{order_id}")
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
+
+    async def _start(self, order_id: str) -> bool:
+        # The order is committed: whatever fails here (Temporal, or the database while marking
+        # the outbox) must not turn its 202 into a 500. The entry stays pending for the sweeper.
+        try:
+            return await dispatch(
+                self._sessions, self._client, order_id, self._task_queue, rpc_timeout=self._timeout
+            )
+        except Exception:
+            log.exception("could not dispatch the workflow start", extra={"order_id": order_id})
+            return False
 
     async def aclose(self, grace: float = 5.0) -> None:
         """Gives background starts a moment to finish; any left over is the sweeper's."""
