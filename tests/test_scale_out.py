@@ -111,4 +111,9 @@ async def test_a_worker_killed_mid_activity_leaves_the_order_to_another(
     # However many requests the warehouse saw, it accepted exactly one (the Idempotency-Key).
     answers = [delivery.answered for delivery in warehouse.deliveries_for(order_id)]
     assert answers.count(202) == 1, answers
-    assert len(mail.to(body["customer_email"])) == 1
+    # SMTP cannot drop a repeat: if the kill (or a timed-out attempt) fell between the mail
+    # server's 250 and the ledger commit, the receipt goes out again, with the same Message-ID
+    # (the window the README names). The customer never gets two different receipts.
+    receipts = mail.to(body["customer_email"])
+    assert len({receipt.message_id for receipt in receipts}) == 1, receipts
+    assert 1 <= len(receipts) <= 2
