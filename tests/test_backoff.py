@@ -4,48 +4,24 @@ server (so minutes of backoff take no wall time), and the jitter's bounds."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
-import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio import activity
-from temporalio.api.enums.v1 import IndexedValueType
-from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.client import WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
 
 from activities.retry import Backoff
 from activities.smtp import SmtpMailer
 from activities.warehouse import WarehouseActivities
-from core.contracts import ORDER_STATUS_ATTRIBUTE, OrderWorkflowStatus, StepInput, StepResult
+from core.contracts import OrderWorkflowStatus, StepInput, StepResult
 from core.settings import Settings
 from devsinks.warehouse import WarehouseReceiver
-from tests.conftest import api_client, installed_binary
+from tests.conftest import api_client
 from tests.support import place_order, wait_until
 from worker import create_activities, create_worker
-
-
-@pytest.fixture(scope="module")
-async def time_skipping_env() -> AsyncIterator[WorkflowEnvironment]:
-    environment = await WorkflowEnvironment.start_time_skipping(
-        test_server_existing_path=installed_binary("temporal-test-server")
-    )
-    try:
-        # The time-skipping server knows only the search attributes it is told about.
-        await environment.client.operator_service.add_search_attributes(
-            AddSearchAttributesRequest(
-                namespace=environment.client.namespace,
-                search_attributes={
-                    ORDER_STATUS_ATTRIBUTE.name: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD
-                },
-            )
-        )
-        yield environment
-    finally:
-        await environment.shutdown()
 
 
 class RecordingWarehouse:
@@ -64,12 +40,12 @@ class RecordingWarehouse:
 
 
 async def test_retry_gaps_grow_by_the_coefficient_and_stop_at_the_cap(
-    time_skipping_env: WorkflowEnvironment,
+    time_skipping: WorkflowEnvironment,
     settings: Settings,
     sessions: async_sessionmaker[AsyncSession],
     warehouse: WarehouseReceiver,
 ) -> None:
-    client = time_skipping_env.client
+    client = time_skipping.client
     schedule = settings.model_copy(
         update={
             "TEMPORAL_ADDRESS": client.service_client.config.target_host,
@@ -100,7 +76,7 @@ async def test_retry_gaps_grow_by_the_coefficient_and_stop_at_the_cap(
         ):
             order_id = await place_order(api)
             # The server skips through the backoff timers, firing each at its scheduled time.
-            await time_skipping_env.sleep(timedelta(seconds=10 + 20 + 40 + 50 + 50 + 60))
+            await time_skipping.sleep(timedelta(seconds=10 + 20 + 40 + 50 + 50 + 60))
             handle = client.get_workflow_handle(order_id)
             status = await wait_until(
                 lambda: _parked(handle), within=30, message="the warehouse step dead-lettered"

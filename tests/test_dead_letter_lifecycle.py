@@ -12,8 +12,6 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from temporalio.api.enums.v1 import IndexedValueType
-from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.client import (
     WorkflowExecutionStatus,
     WorkflowHandle,
@@ -22,7 +20,6 @@ from temporalio.client import (
 from temporalio.testing import WorkflowEnvironment
 
 from core.contracts import (
-    ORDER_STATUS_ATTRIBUTE,
     DiscardStepInput,
     OrderWorkflowStatus,
     RetryStepInput,
@@ -32,7 +29,7 @@ from core.models import DeadLetter, Order
 from core.settings import Settings
 from devsinks.smtp import MailSink
 from devsinks.warehouse import WarehouseReceiver
-from tests.conftest import api_client, installed_binary, running_worker
+from tests.conftest import api_client, running_worker
 from tests.support import place_order, wait_for_order_status, wait_until
 
 STEP = "notify_warehouse"
@@ -227,58 +224,47 @@ async def test_bulk_retry_redrives_every_match_at_the_given_pace(
 
 
 async def test_park_timeout_completes_as_needs_attention_and_keeps_the_letter(
+    time_skipping: WorkflowEnvironment,
     settings: Settings,
     sessions: async_sessionmaker[AsyncSession],
     warehouse: WarehouseReceiver,
 ) -> None:
     """On the time-skipping server the two-week park passes at once; the workflow closes as
     needs_attention, its dead letter stays open, and a retry is refused with a clear reason."""
-    async with await WorkflowEnvironment.start_time_skipping(
-        test_server_existing_path=installed_binary("temporal-test-server")
-    ) as skipping:
-        # The time-skipping server knows only the search attributes it is told about.
-        await skipping.client.operator_service.add_search_attributes(
-            AddSearchAttributesRequest(
-                namespace=skipping.client.namespace,
-                search_attributes={
-                    ORDER_STATUS_ATTRIBUTE.name: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD
-                },
-            )
+    parked = settings.model_copy(
+        update={
+            "TEMPORAL_ADDRESS": time_skipping.client.service_client.config.target_host,
+            "PARK_TIMEOUT_SECONDS": 14 * 24 * 3600.0,
+        }
+    )
+    warehouse.faults.configure(fail_rate=1.0, status=400)
+    async with running_worker(time_skipping.client, parked, sessions), api_client(parked) as api:
+        order_id = await place_order(api)
+        handle = time_skipping.client.get_workflow_handle(order_id, result_type=OrderWorkflowStatus)
+        await wait_until(
+            lambda: _dead_lettered(handle), within=30, message="the step dead-lettered"
         )
-        parked = settings.model_copy(
-            update={
-                "TEMPORAL_ADDRESS": skipping.client.service_client.config.target_host,
-                "PARK_TIMEOUT_SECONDS": 14 * 24 * 3600.0,
-            }
-        )
-        warehouse.faults.configure(fail_rate=1.0, status=400)
-        async with running_worker(skipping.client, parked, sessions), api_client(parked) as api:
-            order_id = await place_order(api)
-            handle = skipping.client.get_workflow_handle(order_id, result_type=OrderWorkflowStatus)
-            await wait_until(
-                lambda: _dead_lettered(handle), within=30, message="the step dead-lettered"
-            )
-            # Past the park timeout; the test server fires the timer without real waiting.
-            await skipping.sleep(timedelta(seconds=parked.PARK_TIMEOUT_SECONDS + 60))
-            result = await handle.result()
-            assert result.status == "needs_attention"
-            assert result.steps[STEP].status == "dead_lettered"
-            assert (await handle.describe()).status == WorkflowExecutionStatus.COMPLETED
+        # Past the park timeout; the test server fires the timer without real waiting.
+        await time_skipping.sleep(timedelta(seconds=parked.PARK_TIMEOUT_SECONDS + 60))
+        result = await handle.result()
+        assert result.status == "needs_attention"
+        assert result.steps[STEP].status == "dead_lettered"
+        assert (await handle.describe()).status == WorkflowExecutionStatus.COMPLETED
 
-            [letter] = await letters_of(api, order_id)
-            assert letter["status"] == "open"
-            refused = await api.post(f"/dead-letters/{letter['id']}/retry")
-            assert refused.status_code == 409 and "closed" in refused.json()["detail"]
-            # With no workflow left to ask, a discard is recorded directly.
-            discarded = await api.post(
-                f"/dead-letters/{letter['id']}/discard", json={"reason": "expired", "actor": "t"}
-            )
-            assert discarded.status_code == 200 and discarded.json()["status"] == "discarded"
-        async with sessions() as session:
-            order = await session.get(Order, order_id)
-            assert order is not None and order.status == "completed"
-            row = await session.get(DeadLetter, letter["id"])
-            assert row is not None and row.discarded_by == "t"
+        [letter] = await letters_of(api, order_id)
+        assert letter["status"] == "open"
+        refused = await api.post(f"/dead-letters/{letter['id']}/retry")
+        assert refused.status_code == 409 and "closed" in refused.json()["detail"]
+        # With no workflow left to ask, a discard is recorded directly.
+        discarded = await api.post(
+            f"/dead-letters/{letter['id']}/discard", json={"reason": "expired", "actor": "t"}
+        )
+        assert discarded.status_code == 200 and discarded.json()["status"] == "discarded"
+    async with sessions() as session:
+        order = await session.get(Order, order_id)
+        assert order is not None and order.status == "completed"
+        row = await session.get(DeadLetter, letter["id"])
+        assert row is not None and row.discarded_by == "t"
 
 
 async def _dead_lettered(handle: WorkflowHandle[Any, OrderWorkflowStatus]) -> bool:
