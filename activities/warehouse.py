@@ -19,6 +19,7 @@ from activities.checkpoint import (
 from activities.metrics import side_effect_timer
 from activities.retry import Backoff, parse_retry_after, permanent
 from core.contracts import StepInput, StepResult
+from core.db import read_session
 from core.ledger import (
     effect_key,
     load_step,
@@ -69,9 +70,11 @@ class WarehouseActivities:
     @activity.defn(name="notify_warehouse")
     async def notify_warehouse(self, input: StepInput) -> StepResult:
         attempt = activity.info().attempt
-        async with self._sessions.begin() as session:
-            if input.redrive_of is not None and attempt == 1:
+        if input.redrive_of is not None and attempt == 1:
+            async with self._sessions.begin() as session:
                 await mark_redrive_started(session, input.redrive_of)
+        # Read-only: on SQLite it does not queue behind writers for the write lock.
+        async with read_session(self._sessions) as session:
             order, step = await load_step(session, input.order_id, STEP)
             if step.status == StepStatus.SUCCEEDED:
                 return StepResult(input.order_id, STEP, "already_done")

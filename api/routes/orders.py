@@ -27,6 +27,7 @@ from api.schemas import (
     StepOut,
 )
 from core.contracts import CancelRequest
+from core.db import read_session
 from core.models import Order, OrderStatus, OrderStep, Step, StepStatus
 from core.temporal import start_order_workflow
 
@@ -79,7 +80,7 @@ async def place_order(
 @router.get("/{order_id}", response_model=OrderOut, responses={404: {"model": Problem}})
 async def get_order(order_id: str, sessions: SessionsDep) -> OrderOut:
     """The order, its overall status and each follow-up step's status."""
-    async with sessions() as session:
+    async with read_session(sessions) as session:
         order = await session.get(Order, order_id)
         if order is None:
             raise HTTPException(404, f"order {order_id} not found")
