@@ -20,6 +20,8 @@ from core.models import (
 )
 
 ACTIVE_DEAD_LETTER = (DeadLetterStatus.OPEN, DeadLetterStatus.RETRYING)
+# For bulk UPDATEs whose rows no object in the session holds: skips matching them in Python.
+NO_SYNC = {"synchronize_session": False}
 
 
 def effect_key(order_id: str, step: str) -> str:
@@ -28,11 +30,16 @@ def effect_key(order_id: str, step: str) -> str:
 
 
 async def load_step(session: AsyncSession, order_id: str, step: str) -> tuple[Order, OrderStep]:
-    order = await session.get(Order, order_id)
-    step_row = await session.get(OrderStep, (order_id, step))
-    if order is None or step_row is None:
+    row = (
+        await session.execute(
+            select(Order, OrderStep)
+            .join(OrderStep, OrderStep.order_id == Order.id)
+            .where(Order.id == order_id, OrderStep.step == step)
+        )
+    ).first()
+    if row is None:
         raise LookupError(f"order {order_id} has no step {step}")
-    return order, step_row
+    return row[0], row[1]
 
 
 async def mark_redrive_started(session: AsyncSession, dead_letter_id: int) -> None:
@@ -63,18 +70,26 @@ async def record_success(
     session: AsyncSession, order_id: str, step: str, attempt: int, outcome: dict[str, Any]
 ) -> None:
     now = utcnow()
-    await session.execute(
-        update(OrderStep)
-        .where(OrderStep.order_id == order_id, OrderStep.step == step)
-        .values(
-            status=StepStatus.SUCCEEDED,
-            attempts=OrderStep.attempts + 1,
-            occurrence_attempts=attempt,
-            outcome=outcome,
-            succeeded_at=now,
-            updated_at=now,
-        )
+    succeeded = update(OrderStep).values(
+        status=StepStatus.SUCCEEDED,
+        attempts=OrderStep.attempts + 1,
+        occurrence_attempts=attempt,
+        outcome=outcome,
+        succeeded_at=now,
+        updated_at=now,
     )
+    this_step = (OrderStep.order_id == order_id, OrderStep.step == step)
+    # A step has an open or retrying dead letter only while its row says dead_lettered (the
+    # letter and that status are written in one transaction): any other row has none to resolve,
+    # which spares a statement on every first-time success.
+    first_time = await session.execute(
+        succeeded.where(*this_step, OrderStep.status != StepStatus.DEAD_LETTERED),
+        execution_options=NO_SYNC,
+    )
+    if _rowcount(first_time) == 1:
+        await refresh_order_status(session, order_id)
+        return
+    await session.execute(succeeded.where(*this_step), execution_options=NO_SYNC)
     await session.execute(
         update(DeadLetter)
         .where(
@@ -87,7 +102,8 @@ async def record_success(
             resolution=DeadLetterResolution.SUCCEEDED,
             resolved_at=now,
             updated_at=now,
-        )
+        ),
+        execution_options=NO_SYNC,
     )
     await refresh_order_status(session, order_id)
 
@@ -103,13 +119,25 @@ async def set_step_status(session: AsyncSession, order_id: str, step: str, statu
 
 async def refresh_order_status(session: AsyncSession, order_id: str) -> str:
     """Derives the order's status from its steps, so the row never disagrees with them."""
-    order = await session.get(Order, order_id, with_for_update=True)
-    if order is None:
-        raise LookupError(f"order {order_id} does not exist")
-    statuses = (
-        await session.scalars(select(OrderStep.status).where(OrderStep.order_id == order_id))
+    # One statement: the order (locked against a concurrent refresh on PostgreSQL) with its
+    # steps' statuses.
+    rows = (
+        await session.execute(
+            select(Order, OrderStep.status)
+            .outerjoin(OrderStep, OrderStep.order_id == Order.id)
+            .where(Order.id == order_id)
+            .with_for_update(of=Order)
+        )
     ).all()
+    if not rows:
+        raise LookupError(f"order {order_id} does not exist")
+    order = rows[0][0]
+    statuses = [row[1] for row in rows if row[1] is not None]
     status = overall_status(statuses, cancelled=order.cancelled_at is not None)
     if order.status != status:
         order.status = status
     return status
+
+
+def _rowcount(result: Any) -> int:
+    return int(result.rowcount)
