@@ -11,7 +11,7 @@ from datetime import timedelta
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client
 
-from core.outbox import dispatch
+from core.outbox import StartMarks, dispatch
 from core.tracing import annotate_order
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,8 @@ class WorkflowDispatcher:
         self._mode = mode
         self._timeout = timeout
         self._in_flight: set[asyncio.Task[bool]] = set()
+        # Concurrent starts share one transaction to mark their outbox entries.
+        self._marks = StartMarks(sessions)
 
     async def submit(self, order_id: str) -> None:
         annotate_order(order_id)
@@ -48,7 +50,12 @@ class WorkflowDispatcher:
         # the outbox) must not turn its 202 into a 500. The entry stays pending for the sweeper.
         try:
             return await dispatch(
-                self._sessions, self._client, order_id, self._task_queue, rpc_timeout=self._timeout
+                self._sessions,
+                self._client,
+                order_id,
+                self._task_queue,
+                rpc_timeout=self._timeout,
+                marks=self._marks,
             )
         except Exception:
             log.exception("could not dispatch the workflow start", extra={"order_id": order_id})
