@@ -119,20 +119,15 @@ async def set_step_status(session: AsyncSession, order_id: str, step: str, statu
 
 async def refresh_order_status(session: AsyncSession, order_id: str) -> str:
     """Derives the order's status from its steps, so the row never disagrees with them."""
-    # One statement: the order (locked against a concurrent refresh on PostgreSQL) with its
-    # steps' statuses.
-    rows = (
-        await session.execute(
-            select(Order, OrderStep.status)
-            .outerjoin(OrderStep, OrderStep.order_id == Order.id)
-            .where(Order.id == order_id)
-            .with_for_update(of=Order)
-        )
-    ).all()
-    if not rows:
+    # Two statements, not one join: on PostgreSQL (READ COMMITTED) the steps must be read after
+    # the order's lock is granted, so a concurrent refresh's committed step is seen; a joined
+    # SELECT ... FOR UPDATE would read them from its snapshot taken before it waited.
+    order = await session.get(Order, order_id, with_for_update=True)
+    if order is None:
         raise LookupError(f"order {order_id} does not exist")
-    order = rows[0][0]
-    statuses = [row[1] for row in rows if row[1] is not None]
+    statuses = (
+        await session.scalars(select(OrderStep.status).where(OrderStep.order_id == order_id))
+    ).all()
     status = overall_status(statuses, cancelled=order.cancelled_at is not None)
     if order.status != status:
         order.status = status

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -20,8 +21,18 @@ from temporalio.worker import Worker
 
 from api.intake import IntakeOutcome, Lease, OrderIntake
 from api.schemas import OrderIn
+from core.contracts import STEPS
 from core.db import create_engine, create_sessionmaker, is_sqlite
-from core.models import IdempotencyKey, KeyState, Order, PaymentCharge, utcnow
+from core.ledger import record_success
+from core.models import (
+    IdempotencyKey,
+    KeyState,
+    Order,
+    OrderStatus,
+    OrderStep,
+    PaymentCharge,
+    utcnow,
+)
 from core.payments import SandboxGateway
 from core.settings import Settings
 from devsinks.smtp import MailSink
@@ -281,3 +292,49 @@ async def test_pre_ping_replaces_a_connection_the_server_dropped(database_url: s
     finally:
         await engine.dispose()
         await admin.dispose()
+
+
+@needs_postgres
+async def test_steps_succeeding_at_once_both_count_towards_the_order_status(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    """Two steps recorded in overlapping transactions: the second refresh waits for the first's
+    lock on the order, then must see the first's committed step (READ COMMITTED reads it in a
+    statement that starts after the wait), so the order ends completed."""
+    order_id = f"ord_{uuid.uuid4().hex}"
+    async with sessions.begin() as session:
+        session.add(
+            Order(
+                id=order_id,
+                idempotency_key=new_key(),
+                customer_email="buyer@example.com",
+                currency="USD",
+                amount_cents=100,
+                items=[],
+                charge_id="ch_test",
+            )
+        )
+        await session.flush()
+        session.add_all([OrderStep(order_id=order_id, step=step) for step in STEPS])
+    first, second = STEPS
+    async with sessions() as holding, sessions() as waiting:
+        await record_success(holding, order_id, first, 1, {})
+        pid = await waiting.scalar(text("SELECT pg_backend_pid()"))
+        blocked = asyncio.create_task(record_success(waiting, order_id, second, 1, {}))
+
+        async def waits_for_the_lock() -> bool:
+            async with sessions() as probe:
+                state = await probe.scalar(
+                    text("SELECT wait_event_type FROM pg_stat_activity WHERE pid = :pid"),
+                    {"pid": pid},
+                )
+            return bool(state == "Lock")
+
+        await wait_until(waits_for_the_lock, within=30, message="second refresh waits")
+        await holding.commit()
+        await blocked
+        await waiting.commit()
+    async with sessions() as session:
+        order = await session.get(Order, order_id)
+        assert order is not None
+        assert order.status == OrderStatus.COMPLETED
