@@ -119,6 +119,7 @@ async def dlq(args: argparse.Namespace, settings: Settings) -> str:
     from core.db import create_engine, create_sessionmaker
     from core.dead_letters import (
         CommandRejected,
+        CommandUnconfirmed,
         DeadLetterFilter,
         DeadLetterNotFound,
         DeadLetterOperator,
@@ -175,6 +176,8 @@ async def dlq(args: argparse.Namespace, settings: Settings) -> str:
         return report
     except (DeadLetterNotFound, CommandRejected) as refused:
         raise Refused(str(refused)) from refused
+    except CommandUnconfirmed as unconfirmed:
+        raise Unreachable(str(unconfirmed)) from unconfirmed
     except (SQLAlchemyError, OSError) as failure:
         raise Unreachable(f"database {_safe_url(settings)}: {failure}") from failure
     finally:

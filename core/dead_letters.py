@@ -21,6 +21,7 @@ from temporalio.client import (
     Client,
     WorkflowExecutionStatus,
     WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
 )
 from temporalio.service import RPCError
 
@@ -134,10 +135,25 @@ class BulkRetryOutcome:
     elapsed_seconds: float = 0.0
 
 
+class CommandUnconfirmed(Exception):
+    """No worker took the command in time; the workflow may still apply it once one polls."""
+
+
+# An update is answered by a worker; with none polling, the caller is told instead of waiting.
+COMMAND_TIMEOUT_SECONDS = 15.0
+
+
 class DeadLetterOperator:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], client: Client) -> None:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        client: Client,
+        *,
+        command_timeout: float | None = None,
+    ) -> None:
         self._sessions = sessions
         self._client = client
+        self._command_timeout = command_timeout or COMMAND_TIMEOUT_SECONDS
 
     async def retry(self, dead_letter_id: int) -> DeadLetter:
         letter = await self._open_letter(dead_letter_id)
@@ -193,7 +209,7 @@ class DeadLetterOperator:
                 await asyncio.sleep(wait)
             try:
                 await self.retry(letter.id)
-            except (CommandRejected, DeadLetterNotFound) as rejected:
+            except (CommandRejected, CommandUnconfirmed, DeadLetterNotFound) as rejected:
                 outcome.rejected[letter.id] = str(rejected)
                 continue
             outcome.retried.append(letter.id)
@@ -221,10 +237,17 @@ class DeadLetterOperator:
     ) -> StepCommandResult:
         handle = self._client.get_workflow_handle(letter.workflow_id)
         try:
-            result: StepCommandResult = await handle.execute_update(
-                update, argument, result_type=StepCommandResult
-            )
+            async with asyncio.timeout(self._command_timeout):
+                result: StepCommandResult = await handle.execute_update(
+                    update, argument, result_type=StepCommandResult
+                )
             return result
+        except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError) as silence:
+            raise CommandUnconfirmed(
+                f"{update} of dead letter {letter.id} was not confirmed within "
+                f"{self._command_timeout:g} s: is a worker running? The workflow may still take "
+                "it when one is back; check the dead letter before trying again."
+            ) from silence
         except WorkflowUpdateFailedError as failure:
             cause = failure.cause
             reason = getattr(cause, "message", None) or str(cause)

@@ -21,6 +21,7 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from api.routes import admin
+from core import dead_letters
 from core.db import create_engine, create_sessionmaker
 from core.dead_letters import CommandRejected, DeadLetterOperator
 from core.models import DeadLetter, DeadLetterStatus
@@ -322,6 +323,37 @@ async def test_retry_without_a_worker_answers_instead_of_hanging(
         assert again.status_code == 303
         flash = flash_of((await api.get("/admin")).text)
         assert flash.startswith(("ok: Retrying", "error: Retry refused")), flash
+        await wait_until(
+            partial(letter_where, sessions, letter.order_id, DeadLetterStatus.RESOLVED),
+            within=30,
+            message="the retry ran once a worker was back",
+        )
+
+
+async def test_api_retry_without_a_worker_answers_504_instead_of_hanging(
+    env: WorkflowEnvironment,
+    api: httpx.AsyncClient,
+    settings: Settings,
+    warehouse: WarehouseReceiver,
+    sessions: async_sessionmaker[AsyncSession],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The JSON API and the CLI share the operator's timeout with the review page.
+    monkeypatch.setattr(dead_letters, "COMMAND_TIMEOUT_SECONDS", 2.0)
+    warehouse.faults.configure(fail_rate=1.0, status=500)
+    async with running_worker(env.client, settings, sessions):
+        letter = await Parker(sessions, env.client).park(api)
+    warehouse.faults.reset()
+
+    response = await api.post(f"/dead-letters/{letter.id}/retry")
+    assert response.status_code == 504
+    assert "not confirmed within 2 s: is a worker running?" in response.json()["detail"]
+
+    # With a worker back, retrying again is accepted, or refused because the first update did
+    # reach the workflow after all; either way the step runs and the letter resolves.
+    async with running_worker(env.client, settings, sessions):
+        again = await api.post(f"/dead-letters/{letter.id}/retry")
+        assert again.status_code in (202, 409), again.text
         await wait_until(
             partial(letter_where, sessions, letter.order_id, DeadLetterStatus.RESOLVED),
             within=30,

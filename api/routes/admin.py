@@ -31,7 +31,6 @@ from temporalio.client import (
     WorkflowExecutionDescription,
     WorkflowQueryFailedError,
     WorkflowQueryRejectedError,
-    WorkflowUpdateRPCTimeoutOrCancelledError,
 )
 from temporalio.service import RPCError
 
@@ -39,6 +38,7 @@ from api.deps import SessionsDep, SettingsDep, TemporalDep, require_admin_login
 from core.contracts import OrderWorkflowStatus
 from core.dead_letters import (
     CommandRejected,
+    CommandUnconfirmed,
     DeadLetterFilter,
     DeadLetterNotFound,
     DeadLetterOperator,
@@ -474,12 +474,12 @@ async def retry(
     back: Annotated[str, Form()] = "/admin",
 ) -> Response:
     try:
-        letter = await asyncio.wait_for(
-            DeadLetterOperator(sessions, temporal).retry(dead_letter_id), ACTION_TIMEOUT_SECONDS
-        )
+        letter = await DeadLetterOperator(
+            sessions, temporal, command_timeout=ACTION_TIMEOUT_SECONDS
+        ).retry(dead_letter_id)
     except (DeadLetterNotFound, CommandRejected) as refused:
         return _redirect(back, "error", f"Retry refused: {refused}")
-    except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):
+    except CommandUnconfirmed:
         return _redirect(back, "error", _unconfirmed("Retry", dead_letter_id))
     return _redirect(
         back,
@@ -503,15 +503,12 @@ async def discard(
     if not reason.strip():
         return _redirect(back, "error", "Discard needs a reason: say why this step is given up")
     try:
-        letter = await asyncio.wait_for(
-            DeadLetterOperator(sessions, temporal).discard(
-                dead_letter_id, reason.strip(), _actor(request)
-            ),
-            ACTION_TIMEOUT_SECONDS,
-        )
+        letter = await DeadLetterOperator(
+            sessions, temporal, command_timeout=ACTION_TIMEOUT_SECONDS
+        ).discard(dead_letter_id, reason.strip(), _actor(request))
     except (DeadLetterNotFound, CommandRejected) as refused:
         return _redirect(back, "error", f"Discard refused: {refused}")
-    except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):
+    except CommandUnconfirmed:
         return _redirect(back, "error", _unconfirmed("Discard", dead_letter_id))
     return _redirect(
         back, "ok", f"Discarded {letter.step} of order {letter.order_id} (dead letter {letter.id})."

@@ -11,6 +11,7 @@ from api.deps import SessionsDep, TemporalDep, require_admin_key
 from api.schemas import DeadLetterCommandAccepted, DeadLetterOut, DeadLetterPage, DiscardIn, Problem
 from core.dead_letters import (
     CommandRejected,
+    CommandUnconfirmed,
     DeadLetterFilter,
     DeadLetterNotFound,
     DeadLetterOperator,
@@ -107,7 +108,7 @@ async def get_letter(dead_letter_id: int, sessions: SessionsDep) -> DeadLetterOu
     "/{dead_letter_id}/retry",
     status_code=202,
     response_model=DeadLetterCommandAccepted,
-    responses={404: {"model": Problem}, 409: {"model": Problem}},
+    responses={404: {"model": Problem}, 409: {"model": Problem}, 504: {"model": Problem}},
 )
 async def retry_letter(
     dead_letter_id: int, sessions: SessionsDep, temporal: TemporalDep
@@ -119,13 +120,15 @@ async def retry_letter(
         raise HTTPException(404, str(missing)) from missing
     except CommandRejected as rejected:
         raise HTTPException(409, str(rejected)) from rejected
+    except CommandUnconfirmed as unconfirmed:
+        raise HTTPException(504, str(unconfirmed)) from unconfirmed
     return _accepted(letter)
 
 
 @router.post(
     "/{dead_letter_id}/discard",
     response_model=DeadLetterCommandAccepted,
-    responses={404: {"model": Problem}, 409: {"model": Problem}},
+    responses={404: {"model": Problem}, 409: {"model": Problem}, 504: {"model": Problem}},
 )
 async def discard_letter(
     dead_letter_id: int, body: DiscardIn, sessions: SessionsDep, temporal: TemporalDep
@@ -139,4 +142,6 @@ async def discard_letter(
         raise HTTPException(404, str(missing)) from missing
     except CommandRejected as rejected:
         raise HTTPException(409, str(rejected)) from rejected
+    except CommandUnconfirmed as unconfirmed:
+        raise HTTPException(504, str(unconfirmed)) from unconfirmed
     return _accepted(letter)
