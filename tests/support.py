@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from temporalio.client import Client
 
 DEFAULT_DEADLINE_SECONDS = 20.0
 
@@ -89,3 +90,10 @@ async def count_rows(
     """How many rows of the model's table match (all of them without a condition)."""
     async with sessions() as session:
         return int(await session.scalar(select(func.count()).select_from(model).where(*where)) or 0)
+
+
+async def wait_for_workflow_closed(client: Client, workflow_id: str, within: float = 60.0) -> None:
+    """The ledger reads `completed` as soon as the last step commits, a moment before Temporal
+    records that step; a test that reads the history waits for the workflow itself to close."""
+    async with asyncio.timeout(within):
+        await client.get_workflow_handle(workflow_id).result()

@@ -17,7 +17,13 @@ from core.settings import Settings
 from devsinks.smtp import MailSink
 from devsinks.warehouse import WarehouseReceiver
 from tests.conftest import running_worker
-from tests.support import new_key, order_body, wait_for_order_status, wait_until
+from tests.support import (
+    new_key,
+    order_body,
+    wait_for_order_status,
+    wait_for_workflow_closed,
+    wait_until,
+)
 from tests.worker_processes import (
     activity_runs,
     describe_queue,
@@ -94,6 +100,7 @@ async def test_a_worker_killed_mid_activity_leaves_the_order_to_another(
         warehouse.faults.reset()
 
         order = await wait_for_order_status(api, order_id, "completed")
+        await wait_for_workflow_closed(env.client, order_id)
         assert survivor.process.poll() is None, survivor.output()
 
     steps = {step["step"]: step for step in order["steps"]}

@@ -13,7 +13,12 @@ from temporalio.testing import WorkflowEnvironment
 
 from core.settings import Settings
 from devsinks.warehouse import WarehouseReceiver
-from tests.support import place_order, wait_for_order_status, wait_until
+from tests.support import (
+    place_order,
+    wait_for_order_status,
+    wait_for_workflow_closed,
+    wait_until,
+)
 from tests.worker_processes import (
     WorkerProcess,
     activity_runs,
@@ -68,6 +73,8 @@ async def test_sigterm_lets_the_running_activity_finish_and_stops_taking_work(
         assert await stopping.exited() == 0, stopping.output()
         await wait_for_order_status(api, first, "completed")
         await wait_for_order_status(api, second, "completed")
+        await wait_for_workflow_closed(env.client, first)
+        await wait_for_workflow_closed(env.client, second)
         assert other.process.poll() is None, other.output()
 
     assert_clean_stop(stopping)
@@ -116,6 +123,7 @@ async def test_an_activity_longer_than_the_grace_period_is_retried_by_another_wo
         # The warehouse stays slow: whenever the call went out, it outlasts the grace period.
         assert await stopping.exited() == 0, stopping.output()
         order = await wait_for_order_status(api, order_id, "completed")
+        await wait_for_workflow_closed(env.client, order_id)
 
     assert "worker stopped" in stopping.output()
     steps = {step["step"]: step for step in order["steps"]}
