@@ -13,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from worker import create_activities, create_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 WEBHOOK_SECRET = "test-webhook-secret"
+SERVER_STARTUP_TIMEOUT = timedelta(seconds=30)
 
 
 def installed_binary(name: str) -> str:
@@ -67,6 +69,8 @@ async def env() -> AsyncIterator[WorkflowEnvironment]:
         dev_server_existing_path=installed_binary("temporal"),
         search_attributes=[ORDER_STATUS_ATTRIBUTE],
         dev_server_extra_args=["--log-level", "error"],
+        # Starts in well under a second; the margin is for a machine busy with other processes.
+        dev_server_startup_timeout=SERVER_STARTUP_TIMEOUT,
     )
     try:
         yield environment
@@ -80,7 +84,8 @@ async def time_skipping() -> AsyncIterator[WorkflowEnvironment]:
     knows only the search attributes it is told about. One per module, because its clock is
     global: days skipped for one module's timers would be in every later module's history."""
     environment = await WorkflowEnvironment.start_time_skipping(
-        test_server_existing_path=installed_binary("temporal-test-server")
+        test_server_existing_path=installed_binary("temporal-test-server"),
+        test_server_startup_timeout=SERVER_STARTUP_TIMEOUT,
     )
     try:
         await environment.client.operator_service.add_search_attributes(
