@@ -99,8 +99,11 @@ async def test_a_hundred_failing_orders_retry_spread_out_not_in_lockstep(
 
     # In lockstep every retry would come at the ceiling or later (a timer never fires early, and
     # load only adds to it). Full jitter draws the wait from [0, ceiling]: many retries come
-    # before it, and the delays are spread (a uniform draw's stdev is 29% of its width).
+    # before it, and the waits are spread (a uniform draw's stdev is 29% of its width). The
+    # spread is asserted where the jitter acts, on when Temporal made each retry due; at the
+    # warehouse the worker's own queueing under load adds a floor that narrows it (measured on
+    # PostgreSQL in CI: 1.55 s there against 2.34 s as scheduled).
     assert sum(d < CEILING_SECONDS for d in delays) > ORDERS // 4
     assert sum(d < CEILING_SECONDS for d in due_after) > ORDERS // 2
-    assert statistics.pstdev(delays) > 0.2 * CEILING_SECONDS
+    assert statistics.pstdev(due_after) > 0.2 * CEILING_SECONDS
     assert len({round(d, 2) for d in delays}) > ORDERS // 2
