@@ -20,14 +20,7 @@ from activities.checkpoint import (
 from activities.metrics import side_effect_timer
 from activities.retry import Backoff, permanent
 from core.contracts import StepInput, StepResult
-from core.db import read_session
-from core.ledger import (
-    effect_key,
-    load_step,
-    mark_redrive_started,
-    record_failed_attempt,
-    record_success,
-)
+from core.ledger import begin_attempt, effect_key, record_failed_attempt, record_success
 from core.models import Order, Step, StepStatus
 from core.settings import Settings
 
@@ -82,15 +75,10 @@ class ReceiptActivities:
     @activity.defn(name="send_receipt")
     async def send_receipt(self, input: StepInput) -> StepResult:
         attempt = activity.info().attempt
-        if input.redrive_of is not None and attempt == 1:
-            async with self._sessions.begin() as session:
-                await mark_redrive_started(session, input.redrive_of)
-        # Read-only: on SQLite it does not queue behind writers for the write lock.
-        async with read_session(self._sessions) as session:
-            order, step = await load_step(session, input.order_id, STEP)
-            if step.status == StepStatus.SUCCEEDED:
-                return StepResult(input.order_id, STEP, "already_done")
-            message = build_receipt(order, self._sender)
+        order, step = await begin_attempt(self._sessions, input, STEP, attempt)
+        if step.status == StepStatus.SUCCEEDED:
+            return StepResult(input.order_id, STEP, "already_done")
+        message = build_receipt(order, self._sender)
 
         await self._checkpoint(BEFORE_EFFECT)
         try:

@@ -19,14 +19,7 @@ from activities.checkpoint import (
 from activities.metrics import side_effect_timer
 from activities.retry import Backoff, parse_retry_after, permanent
 from core.contracts import StepInput, StepResult
-from core.db import read_session
-from core.ledger import (
-    effect_key,
-    load_step,
-    mark_redrive_started,
-    record_failed_attempt,
-    record_success,
-)
+from core.ledger import begin_attempt, effect_key, record_failed_attempt, record_success
 from core.models import Order, Step, StepStatus
 from core.settings import Settings
 from core.signing import SIGNATURE_HEADER, sign
@@ -70,18 +63,13 @@ class WarehouseActivities:
     @activity.defn(name="notify_warehouse")
     async def notify_warehouse(self, input: StepInput) -> StepResult:
         attempt = activity.info().attempt
-        if input.redrive_of is not None and attempt == 1:
-            async with self._sessions.begin() as session:
-                await mark_redrive_started(session, input.redrive_of)
-        # Read-only: on SQLite it does not queue behind writers for the write lock.
-        async with read_session(self._sessions) as session:
-            order, step = await load_step(session, input.order_id, STEP)
-            if step.status == StepStatus.SUCCEEDED:
-                return StepResult(input.order_id, STEP, "already_done")
-            if order.cancelled_at is not None:
-                # Cancelled before this attempt: the warehouse must not hear of the order.
-                return StepResult(input.order_id, STEP, "skipped")
-            body = json.dumps(warehouse_payload(order), separators=(",", ":")).encode()
+        order, step = await begin_attempt(self._sessions, input, STEP, attempt)
+        if step.status == StepStatus.SUCCEEDED:
+            return StepResult(input.order_id, STEP, "already_done")
+        if order.cancelled_at is not None:
+            # Cancelled before this attempt: the warehouse must not hear of the order.
+            return StepResult(input.order_id, STEP, "skipped")
+        body = json.dumps(warehouse_payload(order), separators=(",", ":")).encode()
 
         headers = {
             "Content-Type": "application/json",

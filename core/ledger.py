@@ -8,7 +8,8 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from core.contracts import overall_status
+from core.contracts import StepInput, overall_status
+from core.db import read_session
 from core.models import (
     DeadLetter,
     DeadLetterResolution,
@@ -40,6 +41,19 @@ async def load_step(session: AsyncSession, order_id: str, step: str) -> tuple[Or
     if row is None:
         raise LookupError(f"order {order_id} has no step {step}")
     return row[0], row[1]
+
+
+async def begin_attempt(
+    sessions: async_sessionmaker[AsyncSession], input: StepInput, step: str, attempt: int
+) -> tuple[Order, OrderStep]:
+    """What every step attempt does first: a redrive's first attempt marks its dead letter
+    `retrying`; then the order and the step's ledger row are read, read-only, so on SQLite the
+    read neither waits for writers nor holds them up."""
+    if input.redrive_of is not None and attempt == 1:
+        async with sessions.begin() as session:
+            await mark_redrive_started(session, input.redrive_of)
+    async with read_session(sessions) as session:
+        return await load_step(session, input.order_id, step)
 
 
 async def mark_redrive_started(session: AsyncSession, dead_letter_id: int) -> None:
