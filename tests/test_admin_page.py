@@ -361,7 +361,10 @@ async def test_api_retry_without_a_worker_answers_504_instead_of_hanging(
     # With a worker back, retrying again is accepted, or refused because the first update did
     # reach the workflow after all; either way the step runs and the letter resolves.
     # Until the workflow has caught up with its own dead letter, its validator refuses (409);
-    # so the operator asks again while the letter is still open.
+    # so the operator asks again while the letter is still open. The new worker first has to
+    # take the workflow over from the stopped one's sticky queue, which takes seconds.
+    monkeypatch.setattr(dead_letters, "COMMAND_TIMEOUT_SECONDS", 30.0)
+
     async def resolved_after_retrying() -> bool:
         async with sessions() as session:
             current = await session.get(DeadLetter, letter.id, populate_existing=True)
