@@ -20,7 +20,6 @@ from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from api.routes import admin
 from core import dead_letters
 from core.db import create_engine, create_sessionmaker
 from core.dead_letters import CommandRejected, DeadLetterOperator
@@ -300,7 +299,7 @@ async def test_retry_without_a_worker_answers_instead_of_hanging(
     sessions: async_sessionmaker[AsyncSession],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(admin, "ACTION_TIMEOUT_SECONDS", 2.0)
+    monkeypatch.setattr(dead_letters, "COMMAND_TIMEOUT_SECONDS", 2.0)
     warehouse.faults.configure(fail_rate=1.0, status=500)
     async with running_worker(env.client, settings, sessions):
         letter = await Parker(sessions, env.client).park(api)
@@ -316,7 +315,7 @@ async def test_retry_without_a_worker_answers_instead_of_hanging(
     # Once a worker is back, the operator retries again: accepted, or refused because the first
     # update did reach the workflow after all, or because the workflow has not yet caught up
     # with its own dead letter; so they ask again while the letter is still open.
-    monkeypatch.setattr(admin, "ACTION_TIMEOUT_SECONDS", 30.0)
+    monkeypatch.setattr(dead_letters, "COMMAND_TIMEOUT_SECONDS", 30.0)
 
     async def resolved_after_retrying() -> bool:
         async with sessions() as session:

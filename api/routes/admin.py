@@ -35,6 +35,7 @@ from temporalio.client import (
 from temporalio.service import RPCError
 
 from api.deps import SessionsDep, SettingsDep, TemporalDep, require_admin_login
+from core import dead_letters
 from core.contracts import OrderWorkflowStatus
 from core.dead_letters import (
     CommandRejected,
@@ -60,11 +61,6 @@ PAGE_ROWS = 500
 BULK_PER_SECOND = 5.0
 BULK_LIMIT = 1000
 QUERY_TIMEOUT = timedelta(seconds=3)
-# A retry or discard waits for the workflow to take it, which needs a worker; with none running the
-# button would spin forever. The page stops waiting instead. The server may or may not keep the
-# update it admitted (admitted updates are not durable), so the operator retries once a worker is
-# back; if the first one did land, the second is refused as not open / already pending.
-ACTION_TIMEOUT_SECONDS = 15.0
 FLASH_COOKIE = "orderflow_flash"
 FLASH_LEVELS = ("ok", "error")
 
@@ -461,8 +457,8 @@ async def order_page(
 def _unconfirmed(action: str, dead_letter_id: int) -> str:
     return (
         f"{action} of dead letter {dead_letter_id} not confirmed within "
-        f"{ACTION_TIMEOUT_SECONDS:g} s: is a worker running? The workflow may still take it "
-        "when one is back; reload to check before trying again."
+        f"{dead_letters.COMMAND_TIMEOUT_SECONDS:g} s: is a worker running? The workflow may "
+        "still take it when one is back; reload to check before trying again."
     )
 
 
@@ -474,9 +470,7 @@ async def retry(
     back: Annotated[str, Form()] = "/admin",
 ) -> Response:
     try:
-        letter = await DeadLetterOperator(
-            sessions, temporal, command_timeout=ACTION_TIMEOUT_SECONDS
-        ).retry(dead_letter_id)
+        letter = await DeadLetterOperator(sessions, temporal).retry(dead_letter_id)
     except (DeadLetterNotFound, CommandRejected) as refused:
         return _redirect(back, "error", f"Retry refused: {refused}")
     except CommandUnconfirmed:
@@ -503,9 +497,9 @@ async def discard(
     if not reason.strip():
         return _redirect(back, "error", "Discard needs a reason: say why this step is given up")
     try:
-        letter = await DeadLetterOperator(
-            sessions, temporal, command_timeout=ACTION_TIMEOUT_SECONDS
-        ).discard(dead_letter_id, reason.strip(), _actor(request))
+        letter = await DeadLetterOperator(sessions, temporal).discard(
+            dead_letter_id, reason.strip(), _actor(request)
+        )
     except (DeadLetterNotFound, CommandRejected) as refused:
         return _redirect(back, "error", f"Discard refused: {refused}")
     except CommandUnconfirmed:
