@@ -111,14 +111,25 @@ async def run(settings: Settings) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
 
+        # In "outbox" mode the sweeper is the relay: no grace, a short interval, and eager
+        # starts (this client has a worker on the queue, so the first workflow task comes back
+        # with the start instead of through a poll).
+        relay = settings.WORKFLOW_START_MODE == "outbox"
+        sweep_interval = timedelta(seconds=settings.OUTBOX_SWEEP_INTERVAL_SECONDS)
         sweeper = asyncio.create_task(
             run_sweeper(
                 sessions,
                 client,
                 settings.TEMPORAL_TASK_QUEUE,
-                grace=timedelta(seconds=settings.OUTBOX_GRACE_SECONDS),
-                interval=timedelta(seconds=settings.OUTBOX_SWEEP_INTERVAL_SECONDS),
+                grace=timedelta(0 if relay else settings.OUTBOX_GRACE_SECONDS),
+                interval=(
+                    timedelta(seconds=settings.OUTBOX_RELAY_INTERVAL_SECONDS)
+                    if relay
+                    else sweep_interval
+                ),
+                failure_interval=sweep_interval,
                 batch=settings.OUTBOX_SWEEP_BATCH,
+                eager=relay,
                 stop=stop,
             ),
             name="outbox-sweeper",

@@ -1,6 +1,7 @@
-"""Hands a committed order to Temporal: before the 202 ("request" mode) or right after it
-("background" mode). Either way the outbox entry is already committed, so a failure here only
-delays the start until the worker's sweeper makes it."""
+"""Hands a committed order to Temporal: before the 202 ("request" mode), right after it
+("background" mode), or not at all ("outbox" mode: the workers' relay starts it). Either way the
+outbox entry is already committed, so a failure here only delays the start until the worker's
+sweeper makes it."""
 
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ class WorkflowDispatcher:
 
     async def submit(self, order_id: str) -> None:
         annotate_order(order_id)
+        if self._mode == "outbox":
+            return  # the workers' relay starts it from the committed outbox entry
         if self._mode == "request":
             await self._start(order_id)
             return

@@ -8,11 +8,13 @@ from typing import Any
 
 NOTES = Path(__file__).with_name("notes.md")
 
+START_MODES = ("request", "background", "outbox")
 INTAKE_NAMES = {
     "http_floor": "(a) bare FastAPI 202 (HTTP floor)",
     "temporal_floor": "(b) bare start_workflow (Temporal floor)",
     "orderflow_request": "POST /orders, WORKFLOW_START_MODE=request",
     "orderflow_background": "POST /orders, WORKFLOW_START_MODE=background",
+    "orderflow_outbox": "POST /orders, WORKFLOW_START_MODE=outbox",
     "inline": "(c) inline follow-ups (SMTP 200 ms, webhook 300 ms)",
     "celery_peer": "Celery peer intake (charge, row, 2 enqueues)",
 }
@@ -121,7 +123,7 @@ def _intake_section(results: dict[str, Any], plots: dict[str, str]) -> list[str]
             f"{_f(row['rps'])} | {_f(cpu) if cpu is not None else ''} |"
         )
     lines += ["", "Ratios (same run):", "", "| ratio | c=1 | c=16 |", "|---|---:|---:|"]
-    for mode in ("request", "background"):
+    for mode in START_MODES:
         cells_floor, cells_inline, cells_peer_rps, cells_peer_p99 = [], [], [], []
         for c in (1, 16):
             ours = _find(rows, name=f"orderflow_{mode}", concurrency=c)
@@ -303,7 +305,7 @@ def _targets(results: dict[str, Any]) -> list[str]:
     intake, e2e, parked = results["intake"], results["e2e"], results["parked"]
     lines = ["## Targets", "", "| target | measured | verdict |", "|---|---|---|"]
     peer = _find(intake, name="celery_peer", concurrency=16)
-    for mode in ("request", "background"):
+    for mode in START_MODES:
         ours = _find(intake, name=f"orderflow_{mode}", concurrency=16)
         if ours and peer:
             ok = ours["rps"] >= peer["rps"] and ours["p99"] <= peer["p99"]

@@ -286,16 +286,24 @@ class Bench:
             result = self.loadgen(["start", "--queue", queue, *self.nc(n, c)], env)
             self.record_intake("temporal_floor", c, result, None)
 
-        for mode in ("request", "background"):
+        for mode in report.START_MODES:
             db = self.fresh_db(f"intake-{mode}")
             # No worker polls this queue: the figure is what the customer waits for, alone.
             api_env = self.env(db, f"intake-{mode}-{uuid.uuid4().hex[:6]}", sinks)
             api_env["WORKFLOW_START_MODE"] = mode
             api, url = self.serve(f"api-{mode}", "api.main:app", api_env)
             for c in (1, 16):
+                name = f"api-intake-{mode}-c{c}"
+                recorder = (
+                    profile.record(api.pid, PROFILES / f"{name}.raw")
+                    if self.profile and c == 16
+                    else None
+                )
                 cpu = api.cpu_seconds()
                 result = self.loadgen(["http", url, *self.nc(n, c)])
                 result["api_cpu_ms_per_request"] = (api.cpu_seconds() - cpu) * 1000 / n
+                if recorder is not None:
+                    self.keep_profile(recorder, name, f"{name}, {n} requests")
                 self.record_intake(f"orderflow_{mode}", c, result, api)
             self.stack.stop(api)
 
@@ -315,7 +323,10 @@ class Bench:
         # No Celery worker runs: the peer's intake is its API, its row and its enqueue.
         peer, url = self.serve("peer-api", "bench.celery_peer.api:app", self.env(db, "-", sinks))
         for c in (1, 16):
-            self.record_intake("celery_peer", c, self.loadgen(["http", url, *self.nc(n, c)]), peer)
+            cpu = peer.cpu_seconds()
+            result = self.loadgen(["http", url, *self.nc(n, c)])
+            result["api_cpu_ms_per_request"] = (peer.cpu_seconds() - cpu) * 1000 / n
+            self.record_intake("celery_peer", c, result, peer)
         self.stack.stop(peer)
         self.redis_cmd("FLUSHALL")
 
@@ -407,10 +418,7 @@ class Bench:
         done, peak = self.wait_orders(db, WARM + result["count"], procs)
         after = self.cpu(groups)
         for name, recorder in recorders.items():
-            profile.stop(recorder)
-            summary = profile.summarize(PROFILES / f"{name}.raw")
-            profile.write_text(summary, PROFILES / f"{name}.txt", f"{name}, burst of {n}")
-            self.results.profiles[name] = summary
+            self.keep_profile(recorder, name, f"{name}, burst of {n}")
         elapsed = (done - result["started_at"]) if done else float("nan")
         row = self.record_e2e(
             f"orderflow_{workers}w", n, workers, elapsed, result, before, after, procs[0]
@@ -421,6 +429,12 @@ class Bench:
         self.stack.stop(api)
         for proc in procs:
             self.stack.stop(proc)
+
+    def keep_profile(self, recorder: subprocess.Popen[bytes], name: str, title: str) -> None:
+        profile.stop(recorder)
+        summary = profile.summarize(PROFILES / f"{name}.raw")
+        profile.write_text(summary, PROFILES / f"{name}.txt", title)
+        self.results.profiles[name] = summary
 
     def wait_orders(self, db: Path, n: int, workers: list[Proc]) -> tuple[float | None, float]:
         """Polls the database until n orders are completed; returns when the last one did (the
@@ -626,8 +640,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     parser.add_argument(
         "--e2e-mode",
-        choices=["request", "background"],
-        default="background",
+        choices=report.START_MODES,
+        default="outbox",
         help="WORKFLOW_START_MODE for the end-to-end and parked runs",
     )
     parser.add_argument("--only", nargs="*", choices=["intake", "e2e", "parked"])

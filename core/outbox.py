@@ -13,6 +13,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from contextlib import suppress
+from dataclasses import dataclass
 from datetime import timedelta
 
 from sqlalchemy import Select, select, update
@@ -25,6 +26,9 @@ from core.temporal import start_order_workflow
 log = logging.getLogger(__name__)
 
 SWEEP_START_TIMEOUT = timedelta(seconds=5)
+# Starts a sweep keeps in flight at once: enough to hide the round trip, few enough not to
+# crowd the worker's own polls on the same connection.
+RELAY_CONCURRENCY = 16
 
 
 async def dispatch(
@@ -72,17 +76,7 @@ class StartMarks:
             batch, self._waiting = self._waiting, {}
             try:
                 async with self._sessions.begin() as session:
-                    await session.execute(
-                        update(WorkflowOutbox)
-                        .where(
-                            WorkflowOutbox.order_id.in_(list(batch)),
-                            WorkflowOutbox.started_at.is_(None),
-                        )
-                        .values(
-                            started_at=utcnow(), start_attempts=WorkflowOutbox.start_attempts + 1
-                        ),
-                        execution_options={"synchronize_session": False},
-                    )
+                    await _mark_started(session, list(batch))
             except Exception as failure:
                 for future in batch.values():
                     if not future.done():
@@ -94,11 +88,17 @@ class StartMarks:
 
 
 async def _start(
-    client: Client, order_id: str, task_queue: str, rpc_timeout: timedelta | None
+    client: Client,
+    order_id: str,
+    task_queue: str,
+    rpc_timeout: timedelta | None,
+    eager: bool = False,
 ) -> str | None:
     """Starts the workflow; returns why it could not, or None once it runs (or ran)."""
     try:
-        await start_order_workflow(client, order_id, task_queue, rpc_timeout=rpc_timeout)
+        await start_order_workflow(
+            client, order_id, task_queue, rpc_timeout=rpc_timeout, eager=eager
+        )
     except Exception as failure:  # any failure means "not started yet"; the sweeper retries
         error = f"{type(failure).__name__}: {failure}"
         log.warning(
@@ -109,17 +109,22 @@ async def _start(
 
 
 async def _mark(session: AsyncSession, order_id: str, error: str | None) -> None:
-    if error is not None:
-        await session.execute(
-            update(WorkflowOutbox)
-            .where(WorkflowOutbox.order_id == order_id)
-            .values(start_attempts=WorkflowOutbox.start_attempts + 1, last_error=error[:2000])
-        )
+    if error is None:
+        await _mark_started(session, [order_id])
         return
     await session.execute(
         update(WorkflowOutbox)
-        .where(WorkflowOutbox.order_id == order_id, WorkflowOutbox.started_at.is_(None))
-        .values(started_at=utcnow(), start_attempts=WorkflowOutbox.start_attempts + 1)
+        .where(WorkflowOutbox.order_id == order_id)
+        .values(start_attempts=WorkflowOutbox.start_attempts + 1, last_error=error[:2000])
+    )
+
+
+async def _mark_started(session: AsyncSession, order_ids: Sequence[str]) -> None:
+    await session.execute(
+        update(WorkflowOutbox)
+        .where(WorkflowOutbox.order_id.in_(order_ids), WorkflowOutbox.started_at.is_(None))
+        .values(started_at=utcnow(), start_attempts=WorkflowOutbox.start_attempts + 1),
+        execution_options={"synchronize_session": False},
     )
 
 
@@ -133,6 +138,12 @@ def _pending(grace: timedelta, batch: int) -> Select[str]:
     )
 
 
+@dataclass(frozen=True)
+class Sweep:
+    found: int
+    started: int
+
+
 async def sweep_once(
     sessions: async_sessionmaker[AsyncSession],
     client: Client,
@@ -143,40 +154,73 @@ async def sweep_once(
     rpc_timeout: timedelta = SWEEP_START_TIMEOUT,
 ) -> int:
     """Starts the workflows that nobody confirmed within the grace period; returns how many this
-    sweep started. Stops at the first start that fails: Temporal is most likely unreachable, and
-    every other start in the batch would only wait out its own timeout."""
+    sweep started."""
+    sweep = await _sweep(sessions, client, task_queue, grace, batch, rpc_timeout, eager=False)
+    return sweep.started
+
+
+async def _sweep(
+    sessions: async_sessionmaker[AsyncSession],
+    client: Client,
+    task_queue: str,
+    grace: timedelta,
+    batch: int,
+    rpc_timeout: timedelta,
+    *,
+    eager: bool,
+) -> Sweep:
     async with sessions.begin() as session:
         if session.get_bind().dialect.name != "sqlite":
             # The claim lasts until this transaction ends; a second sweeper skips these rows.
             claimed = (
                 await session.scalars(_pending(grace, batch).with_for_update(skip_locked=True))
             ).all()
-            return await _start_claimed(session, client, claimed, task_queue, rpc_timeout)
+            started, failed = await _start_in_waves(client, claimed, task_queue, rpc_timeout, eager)
+            await _mark_all(session, started, failed)
+            return Sweep(len(claimed), len(started))
         order_ids = (await session.scalars(_pending(grace, batch))).all()
 
-    started = 0
-    for order_id in order_ids:
-        if not await dispatch(sessions, client, order_id, task_queue, rpc_timeout=rpc_timeout):
-            break
-        started += 1
-    return started
+    started, failed = await _start_in_waves(client, order_ids, task_queue, rpc_timeout, eager)
+    if started or failed:
+        async with sessions.begin() as session:
+            await _mark_all(session, started, failed)
+    return Sweep(len(order_ids), len(started))
 
 
-async def _start_claimed(
-    session: AsyncSession,
+async def _start_in_waves(
     client: Client,
     order_ids: Sequence[str],
     task_queue: str,
     rpc_timeout: timedelta,
-) -> int:
-    started = 0
-    for order_id in order_ids:
-        error = await _start(client, order_id, task_queue, rpc_timeout)
-        await _mark(session, order_id, error)
-        if error is not None:
+    eager: bool,
+) -> tuple[list[str], dict[str, str]]:
+    """Starts the first order alone, then the rest RELAY_CONCURRENCY at a time; stops after the
+    first wave in which a start failed: Temporal is most likely unreachable, and every other
+    start would only wait out its own timeout."""
+    started: list[str] = []
+    failed: dict[str, str] = {}
+    waves = [order_ids[:1]] + [
+        order_ids[i : i + RELAY_CONCURRENCY] for i in range(1, len(order_ids), RELAY_CONCURRENCY)
+    ]
+    for wave in waves:
+        errors = await asyncio.gather(
+            *(_start(client, order_id, task_queue, rpc_timeout, eager) for order_id in wave)
+        )
+        for order_id, error in zip(wave, errors, strict=True):
+            if error is None:
+                started.append(order_id)
+            else:
+                failed[order_id] = error
+        if failed:
             break
-        started += 1
-    return started
+    return started, failed
+
+
+async def _mark_all(session: AsyncSession, started: list[str], failed: dict[str, str]) -> None:
+    if started:
+        await _mark_started(session, started)
+    for order_id, error in failed.items():
+        await _mark(session, order_id, error)
 
 
 async def run_sweeper(
@@ -187,17 +231,31 @@ async def run_sweeper(
     grace: timedelta,
     interval: timedelta,
     batch: int,
+    failure_interval: timedelta | None = None,
+    eager: bool = False,
     stop: asyncio.Event | None = None,
 ) -> None:
-    """Sweeps every interval until `stop` is set; a sweep in progress finishes first, because
-    cancelling one mid-query breaks its database connection (asyncpg logs the loss)."""
+    """Sweeps every interval until `stop` is set, at once again after a full batch, and after
+    `failure_interval` (default: the interval) when a start failed. A sweep in progress finishes
+    first, because cancelling one mid-query breaks its database connection (asyncpg logs it).
+
+    With no grace and a short interval this is the relay of WORKFLOW_START_MODE=outbox: the
+    only thing that starts workflows."""
     stop = stop or asyncio.Event()
     while not stop.is_set():
+        wait = interval
         try:
-            started = await sweep_once(sessions, client, task_queue, grace=grace, batch=batch)
-            if started:
-                log.info("sweeper started workflows", extra={"count": started})
+            sweep = await _sweep(
+                sessions, client, task_queue, grace, batch, SWEEP_START_TIMEOUT, eager=eager
+            )
+            if sweep.started and grace:  # a relay (no grace) starting workflows is routine
+                log.info("sweeper started workflows", extra={"count": sweep.started})
+            if sweep.started < sweep.found:
+                wait = failure_interval or interval
+            elif sweep.found == batch:
+                continue
         except Exception:
             log.exception("outbox sweep failed; trying again next interval")
+            wait = failure_interval or interval
         with suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), interval.total_seconds())
+            await asyncio.wait_for(stop.wait(), wait.total_seconds())

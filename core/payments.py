@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Protocol
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -59,24 +59,27 @@ class SandboxGateway:
         if token == UNAVAILABLE_TOKEN:
             raise GatewayUnavailable("sandbox gateway is down for this token")
         decline = DECLINING_TOKENS.get(token)
-        charge = PaymentCharge(
-            id=f"ch_{uuid.uuid4().hex[:24]}",
-            idempotency_key=idempotency_key,
-            amount_cents=amount_cents,
-            currency=currency,
-            succeeded=decline is None,
-            decline_reason=decline,
-        )
+        charge = ChargeResult(f"ch_{uuid.uuid4().hex[:24]}", decline is None, decline)
         try:
             async with self._sessions.begin() as session:
-                session.add(charge)
+                connection = await session.connection()
+                await connection.execute(
+                    insert(PaymentCharge).values(
+                        id=charge.charge_id,
+                        idempotency_key=idempotency_key,
+                        amount_cents=amount_cents,
+                        currency=currency,
+                        succeeded=charge.succeeded,
+                        decline_reason=charge.decline_reason,
+                    )
+                )
         except IntegrityError:
             # This key was charged before (a retry, or a concurrent twin): its result is ours.
             raced = await self._find(idempotency_key)
             if raced is None:
                 raise
             return raced
-        return ChargeResult(charge.id, charge.succeeded, charge.decline_reason)
+        return charge
 
     async def _find(self, idempotency_key: str) -> ChargeResult | None:
         async with self._sessions() as session:

@@ -64,8 +64,12 @@ class Settings(BaseSettings):
     IDEMPOTENCY_LEASE_SECONDS: float = Field(default=30.0, gt=0)
     # How long the request path waits for Temporal before leaving the start to the sweeper.
     WORKFLOW_START_TIMEOUT_SECONDS: float = Field(default=2.0, gt=0)
-    # "request": start the workflow before answering; "background": answer after the commit.
-    WORKFLOW_START_MODE: Literal["request", "background"] = "request"
+    # "request": start the workflow before answering; "background": answer after the commit and
+    # start it from the API right after; "outbox": answer after the commit and let the workers'
+    # outbox relay start it (the API never calls Temporal on the order path).
+    WORKFLOW_START_MODE: Literal["request", "background", "outbox"] = "request"
+    # How often the relay looks for new outbox entries in "outbox" mode.
+    OUTBOX_RELAY_INTERVAL_SECONDS: float = Field(default=0.05, gt=0)
     OUTBOX_GRACE_SECONDS: float = Field(default=5.0, ge=0)
     OUTBOX_SWEEP_INTERVAL_SECONDS: float = Field(default=2.0, gt=0)
     OUTBOX_SWEEP_BATCH: int = Field(default=100, ge=1)

@@ -64,12 +64,15 @@ async def start_order_workflow(
     rpc_timeout: timedelta | None = None,
     start_signal: str | None = None,
     start_signal_args: Sequence[Any] = (),
+    eager: bool = False,
 ) -> WorkflowHandle[object, OrderWorkflowStatus]:
     """Starts the order's workflow, or finds the one already started: the workflow ID is the
     order ID, so a second start (a retried request, the sweeper) never makes a second workflow.
 
     With `start_signal` it is a signal-with-start: the signal reaches the workflow whether or not
     it was started yet; a closed workflow raises WorkflowAlreadyStartedError (the signal was lost).
+    `eager` asks for the first workflow task in the answer; it only helps a client that a worker
+    on `task_queue` also uses.
     """
     try:
         return await client.start_workflow(
@@ -86,6 +89,7 @@ async def start_order_workflow(
             rpc_timeout=rpc_timeout,
             start_signal=start_signal,
             start_signal_args=start_signal_args,
+            request_eager_start=eager,
         )
     except WorkflowAlreadyStartedError:
         if start_signal is not None:
