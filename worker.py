@@ -29,7 +29,7 @@ from activities.smtp import SmtpMailer
 from activities.warehouse import WarehouseActivities
 from core.db import create_engine, create_sessionmaker
 from core.logging import configure_logging
-from core.outbox import run_sweeper
+from core.outbox import run_configured_sweeper
 from core.settings import Settings, get_settings
 from core.temporal import connect_temporal
 from core.tracing import sandbox_runner, tracing_from_environment
@@ -111,27 +111,8 @@ async def run(settings: Settings) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
 
-        # In "outbox" mode the sweeper is the relay: no grace, a short interval, and eager
-        # starts (this client has a worker on the queue, so the first workflow task comes back
-        # with the start instead of through a poll).
-        relay = settings.WORKFLOW_START_MODE == "outbox"
-        sweep_interval = timedelta(seconds=settings.OUTBOX_SWEEP_INTERVAL_SECONDS)
         sweeper = asyncio.create_task(
-            run_sweeper(
-                sessions,
-                client,
-                settings.TEMPORAL_TASK_QUEUE,
-                grace=timedelta(0 if relay else settings.OUTBOX_GRACE_SECONDS),
-                interval=(
-                    timedelta(seconds=settings.OUTBOX_RELAY_INTERVAL_SECONDS)
-                    if relay
-                    else sweep_interval
-                ),
-                failure_interval=sweep_interval,
-                batch=settings.OUTBOX_SWEEP_BATCH,
-                eager=relay,
-                stop=stop,
-            ),
+            run_configured_sweeper(sessions, client, settings, stop=stop),
             name="outbox-sweeper",
         )
         running = asyncio.create_task(worker.run(), name="worker")

@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client
 
 from core.models import WorkflowOutbox, utcnow
+from core.settings import Settings
 from core.temporal import start_order_workflow
 
 log = logging.getLogger(__name__)
@@ -259,3 +260,30 @@ async def run_sweeper(
             wait = failure_interval or interval
         with suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), wait.total_seconds())
+
+
+async def run_configured_sweeper(
+    sessions: async_sessionmaker[AsyncSession],
+    client: Client,
+    settings: Settings,
+    *,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """The worker process's sweeper as the settings ask for it. In "outbox" mode it is the relay:
+    no grace, the short relay interval, and eager starts (the worker's own client polls the task
+    queue, so the first workflow task comes back with the start instead of through a poll)."""
+    relay = settings.WORKFLOW_START_MODE == "outbox"
+    sweep_interval = timedelta(seconds=settings.OUTBOX_SWEEP_INTERVAL_SECONDS)
+    await run_sweeper(
+        sessions,
+        client,
+        settings.TEMPORAL_TASK_QUEUE,
+        grace=timedelta(0 if relay else settings.OUTBOX_GRACE_SECONDS),
+        interval=(
+            timedelta(seconds=settings.OUTBOX_RELAY_INTERVAL_SECONDS) if relay else sweep_interval
+        ),
+        failure_interval=sweep_interval,
+        batch=settings.OUTBOX_SWEEP_BATCH,
+        eager=relay,
+        stop=stop,
+    )
