@@ -92,6 +92,7 @@ async def run(settings: Settings) -> None:
         sessions = create_sessionmaker(engine)
         http = await stack.enter_async_context(httpx.AsyncClient())
         mailer = SmtpMailer(settings.SMTP_HOST, settings.SMTP_PORT, settings.SMTP_TIMEOUT_SECONDS)
+        stack.push_async_callback(mailer.aclose)
         # Off unless OTEL_TRACES_EXPORTER / OTEL_EXPORTER_OTLP_ENDPOINT say where spans go.
         tracing = tracing_from_environment("orderflow-worker")
         stack.callback(tracing.shutdown)

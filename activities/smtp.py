@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from email.message import EmailMessage
 
 import aiosmtplib
+
+# Idle connections kept for the next receipt: a connection per message costs a TCP handshake,
+# the greeting, EHLO and QUIT on both ends, about as much as the message itself.
+MAX_IDLE_CONNECTIONS = 8
+# Reused only while younger than this idle time, well under the minutes servers allow (RFC 5321
+# asks for 5), so a reused connection is not one the server is about to drop.
+REUSE_WITHIN_SECONDS = 10.0
 
 
 class SmtpMailer:
@@ -12,15 +20,52 @@ class SmtpMailer:
         self._host = host
         self._port = port
         self._timeout = timeout
+        self._idle: list[tuple[aiosmtplib.SMTP, float]] = []
 
     async def send(self, message: EmailMessage) -> None:
-        # A connection per message: receipts are not a hot loop, and a fresh connection cannot
-        # carry a half-broken session from a previous failure into this one.
-        await aiosmtplib.send(
-            message,
+        client = await self._take()
+        try:
+            await client.send_message(message)
+        except BaseException:
+            # Whatever failed, the session may be mid-transaction: it is never reused.
+            client.close()
+            raise
+        await self._put_back(client)
+
+    async def aclose(self) -> None:
+        idle, self._idle = self._idle, []
+        for client, _since in idle:
+            await self._quit(client)
+
+    async def _take(self) -> aiosmtplib.SMTP:
+        now = time.monotonic()
+        while self._idle:
+            client, since = self._idle.pop()
+            if client.is_connected and now - since < REUSE_WITHIN_SECONDS:
+                return client
+            await self._quit(client)
+        client = aiosmtplib.SMTP(
             hostname=self._host,
             port=self._port,
             timeout=self._timeout,
             start_tls=False,
             use_tls=False,
         )
+        await client.connect()
+        return client
+
+    async def _put_back(self, client: aiosmtplib.SMTP) -> None:
+        if len(self._idle) < MAX_IDLE_CONNECTIONS:
+            self._idle.append((client, time.monotonic()))
+        else:
+            await self._quit(client)
+
+    @staticmethod
+    async def _quit(client: aiosmtplib.SMTP) -> None:
+        try:
+            if client.is_connected:
+                await client.quit()
+        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            pass
+        finally:
+            client.close()

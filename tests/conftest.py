@@ -236,8 +236,11 @@ async def running_worker(
         mailer = SmtpMailer(settings.SMTP_HOST, settings.SMTP_PORT, settings.SMTP_TIMEOUT_SECONDS)
         activities = create_activities(settings, sessions, http, mailer, checkpoint=checkpoint)
         worker = create_worker(client, settings, activities)
-        async with worker:
-            yield worker
+        try:
+            async with worker:
+                yield worker
+        finally:
+            await mailer.aclose()
 
 
 @pytest.fixture
