@@ -37,6 +37,12 @@ def _f(value: float, digits: int = 1) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
+def _database(results: dict[str, Any]) -> str:
+    """Which database the processes used; runs from before `--database` all used SQLite."""
+    database = results.get("database") or {}
+    return str(database.get("description") or "SQLite file (WAL), a new file per phase")
+
+
 def _verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("**met**" if ok else "**not met**")
 
@@ -66,13 +72,14 @@ def _markdown(results: dict[str, Any], plots: dict[str, str], label: str) -> lis
     lines += [
         f"Run {results['started']} in {results['wall_seconds']:.0f} s wall time. "
         f"Machine: {m['cores']} cores, {m['memory_gib']} GiB, Python {m['python']}, {m['os']}; "
-        f"load average at start {load}.",
+        f"load average at start {load}. Database: {_database(results)}.",
         "",
         "Versions: "
         + ", ".join(f"{k} {v}" for k, v in m["packages"].items())
         + f"; {m['redis_server'].split(' sha=')[0]}.",
         "",
-        "Reproduce: `make bench` (full sizes) or `.venv/bin/python -m bench --quick` (smoke). "
+        "Reproduce: `make bench` (full sizes) or `.venv/bin/python -m bench --quick` (smoke); "
+        "`--database postgresql+asyncpg://…` runs each phase on a new PostgreSQL database. "
         "Everything runs as real processes on loopback, on free ports, in a temporary directory: "
         "one Temporal dev server (`temporal server start-dev --headless`, SQLite file with "
         "`journal_mode=wal`, `synchronous=normal`, `OrderStatus` registered), "

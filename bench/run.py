@@ -3,6 +3,8 @@ go on one Temporal dev server, and writes docs/benchmarks.md and its plots.
 
     python -m bench            # the full run (`make bench`), under ten minutes on 2 cores
     python -m bench --quick    # a smoke run: small sizes, a minute or two
+    python -m bench --database postgresql+asyncpg://postgres@127.0.0.1:5432/postgres
+                               # each phase on a new database on that server, not a SQLite file
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import json
 import os
 import platform
 import shutil
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -28,6 +29,7 @@ import httpx
 import psutil
 
 from bench import profile, report
+from bench.databases import Databases
 from bench.procs import ROOT, Proc, Stack, base_env, free_port, python, tool, wait_port
 from bench.stats import summarize
 
@@ -66,6 +68,7 @@ class Results:
     sizes: dict[str, Any]
     started: str
     mode_for_e2e: str
+    database: dict[str, str] = field(default_factory=dict)
     intake: list[dict[str, Any]] = field(default_factory=list)
     e2e: list[dict[str, Any]] = field(default_factory=list)
     parked: list[dict[str, Any]] = field(default_factory=list)
@@ -84,6 +87,8 @@ def machine() -> dict[str, Any]:
         "fastapi",
         "uvicorn",
         "sqlalchemy",
+        "aiosqlite",
+        "asyncpg",
         "httpx",
         "celery",
         "redis",
@@ -111,8 +116,16 @@ def machine() -> dict[str, Any]:
 
 
 class Bench:
-    def __init__(self, sizes: Sizes, workdir: Path, e2e_mode: str, profile: bool = False) -> None:
+    def __init__(
+        self,
+        sizes: Sizes,
+        workdir: Path,
+        e2e_mode: str,
+        databases: Databases,
+        profile: bool = False,
+    ) -> None:
         self.sizes = sizes
+        self.databases = databases
         self.profile = profile
         self.overrides: dict[str, str] = {}
         if profile:
@@ -127,6 +140,7 @@ class Bench:
             sizes=asdict(sizes),
             started=datetime.now(UTC).isoformat(timespec="seconds"),
             mode_for_e2e=e2e_mode,
+            database=databases.info,
         )
 
     # ---- shared processes -------------------------------------------------------------------
@@ -204,14 +218,14 @@ class Bench:
         wait_port(smtp_port)
         return {"proc": proc, "smtp_port": smtp_port, "http_port": http_port}
 
-    def env(self, db: Path, queue: str, sinks: dict[str, Any], **extra: str) -> dict[str, str]:
+    def env(self, db: str, queue: str, sinks: dict[str, Any], **extra: str) -> dict[str, str]:
         return {
             "ORDERFLOW_ENV": "dev",
             # Open endpoints, like the peer's: the comparison is the work, not the auth.
             "API_KEYS": "",
             "ADMIN_API_KEYS": "",
             "LOG_LEVEL": "WARNING",
-            "DATABASE_URL": f"sqlite+aiosqlite:///{db}",
+            "DATABASE_URL": db,
             "TEMPORAL_ADDRESS": f"127.0.0.1:{self.temporal_port}",
             "TEMPORAL_NAMESPACE": "default",
             "TEMPORAL_TASK_QUEUE": queue,
@@ -224,16 +238,9 @@ class Bench:
             **extra,
         }
 
-    def fresh_db(self, name: str) -> Path:
-        from alembic import command
-        from alembic.config import Config
-
-        db = self.workdir / f"{name}-{uuid.uuid4().hex[:6]}.db"
-        config = Config(str(ROOT / "alembic.ini"))
-        config.attributes["database_url"] = f"sqlite+aiosqlite:///{db}"
-        config.attributes["skip_logging"] = True
-        command.upgrade(config, "head")
-        return db
+    def fresh_db(self, name: str) -> str:
+        """A new database for one phase, migrated to head; its URL."""
+        return self.databases.fresh(name)
 
     def serve(self, name: str, app: str, env: dict[str, str]) -> tuple[Proc, str]:
         port = free_port()
@@ -280,7 +287,7 @@ class Bench:
             self.record_intake("http_floor", c, self.loadgen(["http", url, *self.nc(n, c)]), floor)
         self.stack.stop(floor)
 
-        env = self.env(self.workdir / "unused.db", "floor", sinks)
+        env = self.env(self.databases.unused(), "floor", sinks)
         for c in (1, 16):
             queue = f"floor-{c}-{uuid.uuid4().hex[:6]}"
             result = self.loadgen(["start", "--queue", queue, *self.nc(n, c)], env)
@@ -378,7 +385,7 @@ class Bench:
 
     def bare_burst(self, n: int) -> None:
         queue = f"bare-{n}-{uuid.uuid4().hex[:6]}"
-        env = self.env(self.workdir / "unused.db", queue, self.sinks)
+        env = self.env(self.databases.unused(), queue, self.sinks)
         worker = self.stack.start(
             "bare-worker", python("-m", "bench.bare", "--queue", queue), env=env
         )
@@ -436,22 +443,23 @@ class Bench:
         profile.write_text(summary, PROFILES / f"{name}.txt", title)
         self.results.profiles[name] = summary
 
-    def wait_orders(self, db: Path, n: int, workers: list[Proc]) -> tuple[float | None, float]:
+    def wait_orders(self, db: str, n: int, workers: list[Proc]) -> tuple[float | None, float]:
         """Polls the database until n orders are completed; returns when the last one did (the
         latest step success, as recorded) and the workers' peak RSS seen meanwhile."""
         deadline = time.monotonic() + self.sizes.phase_deadline
         peak = 0.0
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as conn:
-            while time.monotonic() < deadline:
-                peak = max(peak, sum(w.rss_mib() for w in workers))
-                (completed,) = conn.execute(
-                    "SELECT count(*) FROM orders WHERE status = 'completed'"
-                ).fetchone()
-                if completed >= n:
-                    (last,) = conn.execute("SELECT max(succeeded_at) FROM order_steps").fetchone()
-                    return parse_db_time(last), peak
-                time.sleep(POLL)
-        self.results.notes.append(f"{db.name}: not every order completed within the deadline")
+        while time.monotonic() < deadline:
+            peak = max(peak, sum(w.rss_mib() for w in workers))
+            completed = self.databases.scalar(
+                db, "SELECT count(*) FROM orders WHERE status = 'completed'"
+            )
+            if completed >= n:
+                last = self.databases.scalar(db, "SELECT max(succeeded_at) FROM order_steps")
+                return parse_db_time(last), peak
+            time.sleep(POLL)
+        self.results.notes.append(
+            f"{self.databases.label(db)}: not every order completed within the deadline"
+        )
         return None, peak
 
     def peer_burst(self, n: int) -> None:
@@ -569,15 +577,14 @@ class Bench:
         self.loadgen(["http", url, *self.nc(n, 16), "--warmup", "0"])
         deadline = time.monotonic() + self.sizes.phase_deadline
         parked = 0
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as conn:
-            while time.monotonic() < deadline:
-                (parked,) = conn.execute(
-                    "SELECT count(*) FROM dead_letters WHERE status = 'open'"
-                ).fetchone()
-                samples.append((parked, worker.rss_mib()))
-                if parked >= n:
-                    break
-                time.sleep(0.5)
+        while time.monotonic() < deadline:
+            parked = int(
+                self.databases.scalar(db, "SELECT count(*) FROM dead_letters WHERE status = 'open'")
+            )
+            samples.append((parked, worker.rss_mib()))
+            if parked >= n:
+                break
+            time.sleep(0.5)
         time.sleep(2.0)  # let the last workflow tasks settle into the cache
         samples.append((parked, worker.rss_mib()))
         row = {
@@ -625,10 +632,12 @@ def wait_idle(proc: Proc, *, within: float = 60.0) -> None:
         last = now
 
 
-def parse_db_time(value: str | None) -> float | None:
+def parse_db_time(value: str | datetime | None) -> float | None:
+    """A timestamp column as read back: SQLite hands over its ISO text, asyncpg a datetime (aware
+    for `timestamptz`); either without a zone is UTC, as the models store it."""
     if value is None:
         return None
-    moment = datetime.fromisoformat(value)
+    moment = value if isinstance(value, datetime) else datetime.fromisoformat(value)
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment.timestamp()
@@ -658,6 +667,13 @@ def main() -> None:
         help="a setting for every orderflow process (e.g. WORKER_MAX_CONCURRENT_ACTIVITIES=8)",
     )
     parser.add_argument("--label", default="", help="a line the report shows under its title")
+    parser.add_argument(
+        "--database",
+        metavar="URL",
+        help="a PostgreSQL server (e.g. postgresql+asyncpg://postgres@127.0.0.1:5432/postgres) "
+        "on which each phase gets a new database, dropped at the end; default: a SQLite file "
+        "per phase",
+    )
     parser.add_argument("--report-only", type=Path, help="rewrite the report from a results JSON")
     args = parser.parse_args()
 
@@ -668,11 +684,15 @@ def main() -> None:
 
     sizes = Sizes.quick() if args.quick else Sizes.full()
     began = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="orderflow-bench-") as tmp:
-        bench = Bench(sizes, Path(tmp), args.e2e_mode, args.profile)
+    with (
+        tempfile.TemporaryDirectory(prefix="orderflow-bench-") as tmp,
+        Databases(Path(tmp), args.database) as databases,
+    ):
+        bench = Bench(sizes, Path(tmp), args.e2e_mode, databases, args.profile)
         bench.overrides = dict(item.split("=", 1) for item in args.set)
         bench.results.overrides = bench.overrides
         print(json.dumps(bench.results.machine, indent=2), flush=True)
+        print(f"database: {databases.info['description']}", flush=True)
         try:
             bench.start_shared()
             phases = args.only or ["intake", "e2e", "parked"]
