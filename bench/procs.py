@@ -3,6 +3,7 @@ each on a free loopback port, and the CPU and memory they spend, read with psuti
 
 from __future__ import annotations
 
+import compileall
 import os
 import signal
 import socket
@@ -159,6 +160,22 @@ def tool(name: str) -> str:
     if candidate.exists():
         return str(candidate)
     raise FileNotFoundError(f"{name} is not in {BIN}; `make bench` installs it")
+
+
+# The project's packages, compiled once before a run: a deployed worker imports them from a
+# wheel's bytecode, and the workflow sandbox imports the workflow module afresh for every run, so
+# without bytecode (PYTHONDONTWRITEBYTECODE is common in containers and CI) each workflow would
+# pay a compile of its module.
+PROJECT_SOURCES = ("api", "activities", "bench", "core", "devsinks", "workflows", "worker.py")
+
+
+def compile_project() -> None:
+    for name in PROJECT_SOURCES:
+        path = ROOT / name
+        if path.is_dir():
+            compileall.compile_dir(path, quiet=1)
+        else:
+            compileall.compile_file(path, quiet=1)
 
 
 def base_env() -> dict[str, str]:

@@ -30,7 +30,17 @@ import psutil
 
 from bench import profile, report
 from bench.databases import Databases
-from bench.procs import ROOT, Proc, Stack, base_env, free_port, python, tool, wait_port
+from bench.procs import (
+    ROOT,
+    Proc,
+    Stack,
+    base_env,
+    compile_project,
+    free_port,
+    python,
+    tool,
+    wait_port,
+)
 from bench.stats import summarize
 
 SECRET = "bench-webhook-secret"
@@ -146,6 +156,7 @@ class Bench:
     # ---- shared processes -------------------------------------------------------------------
 
     def start_shared(self) -> None:
+        compile_project()
         self.temporal_port = free_port()
         self.temporal = self.stack.start(
             "temporal",
@@ -703,7 +714,7 @@ def main() -> None:
             if "parked" in phases:
                 bench.parked()
         except BaseException:
-            logs = Path(tmp) / "logs"
+            logs = ROOT / ".data" / "bench" / "logs"
             for log in sorted(logs.glob("*.log")):
                 tail = log.read_text(errors="replace")[-1500:]
                 if tail.strip():
