@@ -4,6 +4,7 @@ after the commit still answers 202, and the worker's sweeper starts the workflow
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from datetime import timedelta
@@ -23,13 +24,20 @@ from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 
 from core.models import WorkflowOutbox
-from core.outbox import run_sweeper, sweep_once
+from core.outbox import RELAY_CONCURRENCY, run_configured_sweeper, sweep_once
 from core.settings import Settings
 from core.temporal import connect_temporal
 from devsinks.smtp import MailSink
 from devsinks.warehouse import WarehouseReceiver
 from tests.conftest import api_client, free_port, running_worker
-from tests.support import new_key, order_body, place_order, wait_for_order_status, wait_until
+from tests.support import (
+    count_rows,
+    new_key,
+    order_body,
+    place_order,
+    wait_for_order_status,
+    wait_until,
+)
 
 
 @pytest.fixture
@@ -87,16 +95,7 @@ async def sweeping(
     sessions: async_sessionmaker[AsyncSession], client: Client, settings: Settings
 ) -> AsyncIterator[None]:
     """The worker process's sweeper loop, as `python worker.py` runs it."""
-    sweeper = asyncio.create_task(
-        run_sweeper(
-            sessions,
-            client,
-            settings.TEMPORAL_TASK_QUEUE,
-            grace=timedelta(seconds=settings.OUTBOX_GRACE_SECONDS),
-            interval=timedelta(seconds=settings.OUTBOX_SWEEP_INTERVAL_SECONDS),
-            batch=settings.OUTBOX_SWEEP_BATCH,
-        )
-    )
+    sweeper = asyncio.create_task(run_configured_sweeper(sessions, client, settings))
     try:
         yield
     finally:
@@ -106,23 +105,32 @@ async def sweeping(
 
 
 class RecordStarts(Interceptor):
-    """Notes every workflow start a client sends, to tell which sweeper started an order."""
+    """Notes every workflow start a client sends, to tell which sweeper started an order, and how
+    many starts were in flight as each began (itself included), to tell how a sweep overlaps
+    them."""
 
     def __init__(self) -> None:
         self.workflow_ids: list[str] = []
+        self.in_flight_at_start: list[int] = []
+        self.in_flight = 0
 
     def intercept_client(self, next: OutboundInterceptor) -> OutboundInterceptor:
-        return _StartRecorder(next, self.workflow_ids)
+        return _StartRecorder(next, self)
 
 
 class _StartRecorder(OutboundInterceptor):
-    def __init__(self, next: OutboundInterceptor, workflow_ids: list[str]) -> None:
+    def __init__(self, next: OutboundInterceptor, record: RecordStarts) -> None:
         super().__init__(next)
-        self._workflow_ids = workflow_ids
+        self._record = record
 
     async def start_workflow(self, input: StartWorkflowInput) -> WorkflowHandle[Any, Any]:
-        self._workflow_ids.append(input.id)
-        return await super().start_workflow(input)
+        self._record.workflow_ids.append(input.id)
+        self._record.in_flight += 1
+        self._record.in_flight_at_start.append(self._record.in_flight)
+        try:
+            return await super().start_workflow(input)
+        finally:
+            self._record.in_flight -= 1
 
 
 @pytest.mark.parametrize("mode", ["request", "background"])
@@ -255,3 +263,101 @@ async def test_concurrent_sweepers_start_every_order_and_split_the_batch_on_post
     if sessions.kw["bind"].dialect.name == "postgresql":
         # FOR UPDATE SKIP LOCKED: each order was claimed, and started, by one sweeper only.
         assert set(starts.values()) == {1}, starts
+
+
+async def test_outbox_mode_answers_202_without_temporal_and_the_relay_completes_the_order(
+    settings: Settings,
+    env: WorkflowEnvironment,
+    sessions: async_sessionmaker[AsyncSession],
+    mail: MailSink,
+    warehouse: WarehouseReceiver,
+) -> None:
+    outbox = settings.model_copy(update={"WORKFLOW_START_MODE": "outbox"})
+    body = order_body()
+    async with api_client(outbox) as api:
+        response = await api.post("/orders", json=body, headers={"Idempotency-Key": new_key()})
+    assert response.status_code == 202, response.text
+    order_id = response.json()["order_id"]
+
+    # No relay runs yet, and the API (shut down above, so nothing of it is still in flight)
+    # never tried: the order waits in the outbox.
+    entry = await outbox_entry(sessions, order_id)
+    assert entry is not None
+    assert (entry.started_at, entry.start_attempts, entry.last_error) == (None, 0, None)
+    assert not await workflow_exists(env.client, order_id)
+
+    # The worker process: the worker and its relay on the same client (eager starts).
+    async with (
+        running_worker(env.client, outbox, sessions),
+        sweeping(sessions, env.client, outbox),
+        api_client(outbox) as api,
+    ):
+        await wait_for_order_status(api, order_id, "completed")
+
+        async def marked_started() -> WorkflowOutbox | None:
+            entry = await outbox_entry(sessions, order_id)
+            return entry if entry is not None and entry.started_at is not None else None
+
+        entry = await wait_until(marked_started, message="the relay's start marked")
+
+    assert entry.start_attempts == 1
+    assert entry.last_error is None
+    assert [m.message_id for m in mail.to(body["customer_email"])] == [
+        f"<{order_id}.send_receipt@orderflow.localhost>"
+    ]
+    assert [d.answered for d in warehouse.deliveries_for(order_id)] == [202]
+
+
+async def test_outbox_mode_takes_orders_while_temporal_is_unreachable_and_never_tries_it(
+    unreachable: Settings,
+    env: WorkflowEnvironment,
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    down = unreachable.model_copy(update={"WORKFLOW_START_MODE": "outbox"})
+    async with api_client(down) as api:
+        began = time.monotonic()
+        order_id = await place_order(api)
+        took = time.monotonic() - began
+    # Loose on purpose (a refused connection fails fast too); the entry below is the proof.
+    assert took < down.WORKFLOW_START_TIMEOUT_SECONDS, took
+
+    # The API has shut down, so any start of its own would have finished: there was none.
+    entry = await outbox_entry(sessions, order_id)
+    assert entry is not None
+    assert (entry.started_at, entry.start_attempts, entry.last_error) == (None, 0, None)
+    assert not await workflow_exists(env.client, order_id)
+
+
+async def test_one_sweep_starts_a_large_batch_in_concurrent_waves_and_marks_every_entry(
+    settings: Settings,
+    unreachable: Settings,
+    env: WorkflowEnvironment,
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    order_ids = await place_pending_orders(unreachable, sessions, 40)
+    recorder = RecordStarts()
+    client = await connect_temporal(settings, interceptors=[recorder])
+    # Other tests' entries may be pending too, and the fewest attempts go first: a batch of every
+    # pending entry makes sure this one sweep reaches all 40.
+    pending = await count_rows(sessions, WorkflowOutbox, WorkflowOutbox.started_at.is_(None))
+    assert pending >= 40
+
+    swept = await sweep_once(
+        sessions, client, settings.TEMPORAL_TASK_QUEUE, grace=timedelta(0), batch=pending
+    )
+
+    assert swept >= 40
+    assert all(recorder.workflow_ids.count(order_id) == 1 for order_id in order_ids)
+    # The first start alone (the second began after it ended), then waves of RELAY_CONCURRENCY.
+    assert recorder.in_flight_at_start[:2] == [1, 1], recorder.in_flight_at_start
+    assert max(recorder.in_flight_at_start) == RELAY_CONCURRENCY, recorder.in_flight_at_start
+    async with sessions() as session:
+        entries = (
+            await session.scalars(
+                select(WorkflowOutbox).where(WorkflowOutbox.order_id.in_(order_ids))
+            )
+        ).all()
+    assert len(entries) == 40
+    # One failed start (the API's) and this sweep's.
+    assert all(e.started_at is not None and e.start_attempts == 2 for e in entries)
+    assert all([await workflow_exists(env.client, order_id) for order_id in order_ids])
