@@ -278,7 +278,7 @@ async def run_configured_sweeper(
         sessions,
         client,
         settings.TEMPORAL_TASK_QUEUE,
-        grace=timedelta(0 if relay else settings.OUTBOX_GRACE_SECONDS),
+        grace=timedelta(seconds=0 if relay else settings.OUTBOX_GRACE_SECONDS),
         interval=(
             timedelta(seconds=settings.OUTBOX_RELAY_INTERVAL_SECONDS) if relay else sweep_interval
         ),
