@@ -127,6 +127,17 @@ class DiscardStepInput:
 
 
 @dataclass(frozen=True)
+class OperatorCommand:
+    """What an operator asked for a parked step, held by the workflow until the step acts on it.
+    Defined here, not in the workflow's module, because the sandbox re-imports that module for
+    every workflow and a dataclass costs a code generation each time."""
+
+    kind: str  # "retry" or "discard"
+    reason: str = ""
+    actor: str = ""
+
+
+@dataclass(frozen=True)
 class StepCommandResult:
     step: str
     dead_letter_id: int | None

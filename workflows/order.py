@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -30,6 +30,7 @@ with workflow.unsafe.imports_passed_through():
         DiscardInput,
         DiscardStepInput,
         LoadPolicyInput,
+        OperatorCommand,
         OrderWorkflowInput,
         OrderWorkflowStatus,
         RetryStepInput,
@@ -56,19 +57,12 @@ BOOKKEEPING_RETRY = RetryPolicy(
 BOOKKEEPING_TIMEOUT = timedelta(seconds=30)
 
 
-@dataclass
-class _Command:
-    kind: str  # "retry" or "discard"
-    reason: str = ""
-    actor: str = ""
-
-
 @workflow.defn(name="OrderWorkflow")
 class OrderWorkflow:
     def __init__(self) -> None:
         self._order_id = ""
         self._steps: dict[str, StepState] = {step: StepState(StepStatus.PENDING) for step in STEPS}
-        self._commands: dict[str, _Command] = {}
+        self._commands: dict[str, OperatorCommand] = {}
         self._published_status = ""
         self._cancel_request: CancelRequest | None = None
         # What recording the cancel found: None until then, "cancelled" or "too_late".
@@ -109,7 +103,7 @@ class OrderWorkflow:
 
     @workflow.update(name="retry_step")
     def retry_step(self, input: RetryStepInput) -> StepCommandResult:
-        self._commands[input.step] = _Command("retry")
+        self._commands[input.step] = OperatorCommand("retry")
         return StepCommandResult(input.step, self._steps[input.step].dead_letter_id)
 
     @retry_step.validator
@@ -119,7 +113,7 @@ class OrderWorkflow:
     @workflow.update(name="discard_step")
     async def discard_step(self, input: DiscardStepInput) -> StepCommandResult:
         dead_letter_id = self._steps[input.step].dead_letter_id
-        self._commands[input.step] = _Command("discard", input.reason.strip(), input.actor)
+        self._commands[input.step] = OperatorCommand("discard", input.reason.strip(), input.actor)
         # Answer once the discard is on record, so the caller reads it back as discarded.
         await workflow.wait_condition(
             lambda: self._steps[input.step].status == StepStatus.DISCARDED
@@ -249,7 +243,7 @@ class OrderWorkflow:
 
     async def _wait_for_operator(
         self, step: str, dead_letter_id: int, policy: StepPolicy
-    ) -> _Command | None:
+    ) -> OperatorCommand | None:
         try:
             await workflow.wait_condition(
                 lambda: (
