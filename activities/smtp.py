@@ -13,6 +13,9 @@ MAX_IDLE_CONNECTIONS = 8
 # Reused only while younger than this idle time, well under the minutes servers allow (RFC 5321
 # asks for 5), so a reused connection is not one the server is about to drop.
 REUSE_WITHIN_SECONDS = 10.0
+# Idle longer than this, a connection is checked with a NOOP before it carries a message: a
+# server restart or a dropped connection then costs a reconnect, not a failed attempt.
+CHECK_AFTER_SECONDS = 1.0
 
 
 class SmtpMailer:
@@ -41,9 +44,17 @@ class SmtpMailer:
         now = time.monotonic()
         while self._idle:
             client, since = self._idle.pop()
-            if client.is_connected and now - since < REUSE_WITHIN_SECONDS:
-                return client
-            await self._quit(client)
+            idle = now - since
+            if not client.is_connected or idle >= REUSE_WITHIN_SECONDS:
+                await self._quit(client)
+                continue
+            if idle >= CHECK_AFTER_SECONDS:
+                try:
+                    await client.noop()
+                except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                    client.close()
+                    continue
+            return client
         client = aiosmtplib.SMTP(
             hostname=self._host,
             port=self._port,
