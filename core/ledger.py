@@ -136,7 +136,13 @@ async def refresh_order_status(session: AsyncSession, order_id: str) -> str:
     # Two statements, not one join: on PostgreSQL (READ COMMITTED) the steps must be read after
     # the order's lock is granted, so a concurrent refresh's committed step is seen; a joined
     # SELECT ... FOR UPDATE would read them from its snapshot taken before it waited.
-    order = await session.get(Order, order_id, with_for_update=True)
+    # Columns, not the Order entity: this runs on every step success, and building the entity
+    # (its JSON items included) and flushing it cost more than the statements themselves.
+    order = (
+        await session.execute(
+            select(Order.status, Order.cancelled_at).where(Order.id == order_id).with_for_update()
+        )
+    ).first()
     if order is None:
         raise LookupError(f"order {order_id} does not exist")
     statuses = (
@@ -144,7 +150,10 @@ async def refresh_order_status(session: AsyncSession, order_id: str) -> str:
     ).all()
     status = overall_status(statuses, cancelled=order.cancelled_at is not None)
     if order.status != status:
-        order.status = status
+        # Default synchronisation: an Order a caller holds in this session sees the new status.
+        await session.execute(
+            update(Order).where(Order.id == order_id).values(status=status, updated_at=utcnow())
+        )
     return status
 
 
