@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.contracts import StepInput, overall_status
@@ -25,19 +25,44 @@ ACTIVE_DEAD_LETTER = (DeadLetterStatus.OPEN, DeadLetterStatus.RETRYING)
 NO_SYNC = {"synchronize_session": False}
 
 
+# The statements every step attempt runs, built once: building a statement costs more CPU than
+# running it (SQLAlchemy caches the compiled form, not the construction). Their parameters are
+# named b_* so that none is mistaken for a column to SET.
+STEP_ROW = (
+    select(Order, OrderStep)
+    .join(OrderStep, OrderStep.order_id == Order.id)
+    .where(Order.id == bindparam("b_order_id"), OrderStep.step == bindparam("b_step"))
+)
+STEP_SUCCEEDED = (
+    update(OrderStep)
+    .where(OrderStep.order_id == bindparam("b_order_id"), OrderStep.step == bindparam("b_step"))
+    .values(
+        status=StepStatus.SUCCEEDED,
+        attempts=OrderStep.attempts + 1,
+        occurrence_attempts=bindparam("b_attempt"),
+        outcome=bindparam("b_outcome", type_=OrderStep.outcome.type),
+        succeeded_at=bindparam("b_now", type_=OrderStep.succeeded_at.type),
+        updated_at=bindparam("b_now", type_=OrderStep.updated_at.type),
+    )
+)
+# A step has an open or retrying dead letter only while its row says dead_lettered (the letter
+# and that status are written in one transaction): any other row has none to resolve.
+FIRST_SUCCESS = STEP_SUCCEEDED.where(OrderStep.status != StepStatus.DEAD_LETTERED)
+ORDER_STATUS_FOR_UPDATE = (
+    select(Order.status, Order.cancelled_at)
+    .where(Order.id == bindparam("b_order_id"))
+    .with_for_update()
+)
+STEP_STATUSES = select(OrderStep.status).where(OrderStep.order_id == bindparam("b_order_id"))
+
+
 def effect_key(order_id: str, step: str) -> str:
     """The stable key a downstream uses to drop a repeat of the same effect."""
     return f"{order_id}:{step}"
 
 
 async def load_step(session: AsyncSession, order_id: str, step: str) -> tuple[Order, OrderStep]:
-    row = (
-        await session.execute(
-            select(Order, OrderStep)
-            .join(OrderStep, OrderStep.order_id == Order.id)
-            .where(Order.id == order_id, OrderStep.step == step)
-        )
-    ).first()
+    row = (await session.execute(STEP_ROW, {"b_order_id": order_id, "b_step": step})).first()
     if row is None:
         raise LookupError(f"order {order_id} has no step {step}")
     return row[0], row[1]
@@ -84,26 +109,19 @@ async def record_success(
     session: AsyncSession, order_id: str, step: str, attempt: int, outcome: dict[str, Any]
 ) -> None:
     now = utcnow()
-    succeeded = update(OrderStep).values(
-        status=StepStatus.SUCCEEDED,
-        attempts=OrderStep.attempts + 1,
-        occurrence_attempts=attempt,
-        outcome=outcome,
-        succeeded_at=now,
-        updated_at=now,
-    )
-    this_step = (OrderStep.order_id == order_id, OrderStep.step == step)
-    # A step has an open or retrying dead letter only while its row says dead_lettered (the
-    # letter and that status are written in one transaction): any other row has none to resolve,
-    # which spares a statement on every first-time success.
-    first_time = await session.execute(
-        succeeded.where(*this_step, OrderStep.status != StepStatus.DEAD_LETTERED),
-        execution_options=NO_SYNC,
-    )
+    params = {
+        "b_order_id": order_id,
+        "b_step": step,
+        "b_attempt": attempt,
+        "b_outcome": outcome,
+        "b_now": now,
+    }
+    # A first-time success has no dead letter to resolve, which spares a statement.
+    first_time = await session.execute(FIRST_SUCCESS, params, execution_options=NO_SYNC)
     if _rowcount(first_time) == 1:
         await refresh_order_status(session, order_id)
         return
-    await session.execute(succeeded.where(*this_step), execution_options=NO_SYNC)
+    await session.execute(STEP_SUCCEEDED, params, execution_options=NO_SYNC)
     await session.execute(
         update(DeadLetter)
         .where(
@@ -138,16 +156,10 @@ async def refresh_order_status(session: AsyncSession, order_id: str) -> str:
     # SELECT ... FOR UPDATE would read them from its snapshot taken before it waited.
     # Columns, not the Order entity: this runs on every step success, and building the entity
     # (its JSON items included) and flushing it cost more than the statements themselves.
-    order = (
-        await session.execute(
-            select(Order.status, Order.cancelled_at).where(Order.id == order_id).with_for_update()
-        )
-    ).first()
+    order = (await session.execute(ORDER_STATUS_FOR_UPDATE, {"b_order_id": order_id})).first()
     if order is None:
         raise LookupError(f"order {order_id} does not exist")
-    statuses = (
-        await session.scalars(select(OrderStep.status).where(OrderStep.order_id == order_id))
-    ).all()
+    statuses = (await session.scalars(STEP_STATUSES, {"b_order_id": order_id})).all()
     status = overall_status(statuses, cancelled=order.cancelled_at is not None)
     if order.status != status:
         # Default synchronisation: an Order a caller holds in this session sees the new status.

@@ -46,6 +46,10 @@ class PaymentGateway(Protocol):
     ) -> ChargeResult: ...
 
 
+# Built once: every charge runs it, and building a statement costs more than running it.
+INSERT_CHARGE = insert(PaymentCharge)
+
+
 class SandboxGateway:
     """Keeps its charges in our database under a unique idempotency key, as a real gateway does
     on its side; no money moves."""
@@ -64,14 +68,15 @@ class SandboxGateway:
             async with self._sessions.begin() as session:
                 connection = await session.connection()
                 await connection.execute(
-                    insert(PaymentCharge).values(
-                        id=charge.charge_id,
-                        idempotency_key=idempotency_key,
-                        amount_cents=amount_cents,
-                        currency=currency,
-                        succeeded=charge.succeeded,
-                        decline_reason=charge.decline_reason,
-                    )
+                    INSERT_CHARGE,
+                    {
+                        "id": charge.charge_id,
+                        "idempotency_key": idempotency_key,
+                        "amount_cents": amount_cents,
+                        "currency": currency,
+                        "succeeded": charge.succeeded,
+                        "decline_reason": charge.decline_reason,
+                    },
                 )
         except IntegrityError:
             # This key was charged before (a retry, or a concurrent twin): its result is ours.
