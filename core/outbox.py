@@ -18,7 +18,11 @@ from datetime import timedelta
 
 from sqlalchemy import Select, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from temporalio.api.enums.v1 import TaskQueueType
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client
+from temporalio.service import RPCError
 
 from core.models import WorkflowOutbox, utcnow
 from core.settings import Settings
@@ -143,6 +147,8 @@ def _pending(grace: timedelta, batch: int) -> Select[str]:
 class Sweep:
     found: int
     started: int
+    # Entries left for a later sweep because the server's backlog was full.
+    held: int = 0
 
 
 async def sweep_once(
@@ -153,10 +159,20 @@ async def sweep_once(
     grace: timedelta,
     batch: int,
     rpc_timeout: timedelta = SWEEP_START_TIMEOUT,
+    max_backlog: int = 0,
 ) -> int:
     """Starts the workflows that nobody confirmed within the grace period; returns how many this
     sweep started."""
-    sweep = await _sweep(sessions, client, task_queue, grace, batch, rpc_timeout, eager=False)
+    sweep = await _sweep(
+        sessions,
+        client,
+        task_queue,
+        grace,
+        batch,
+        rpc_timeout,
+        eager=False,
+        max_backlog=max_backlog,
+    )
     return sweep.started
 
 
@@ -169,6 +185,7 @@ async def _sweep(
     rpc_timeout: timedelta,
     *,
     eager: bool,
+    max_backlog: int = 0,
 ) -> Sweep:
     async with sessions.begin() as session:
         if session.get_bind().dialect.name != "sqlite":
@@ -176,16 +193,55 @@ async def _sweep(
             claimed = (
                 await session.scalars(_pending(grace, batch).with_for_update(skip_locked=True))
             ).all()
-            started, failed = await _start_in_waves(client, claimed, task_queue, rpc_timeout, eager)
+            admitted = await _admit(client, task_queue, claimed, max_backlog)
+            started, failed = await _start_in_waves(
+                client, admitted, task_queue, rpc_timeout, eager
+            )
             await _mark_all(session, started, failed)
-            return Sweep(len(claimed), len(started))
+            return Sweep(len(claimed), len(started), len(claimed) - len(admitted))
         order_ids = (await session.scalars(_pending(grace, batch))).all()
 
-    started, failed = await _start_in_waves(client, order_ids, task_queue, rpc_timeout, eager)
+    admitted = await _admit(client, task_queue, order_ids, max_backlog)
+    started, failed = await _start_in_waves(client, admitted, task_queue, rpc_timeout, eager)
     if started or failed:
         async with sessions.begin() as session:
             await _mark_all(session, started, failed)
-    return Sweep(len(order_ids), len(started))
+    return Sweep(len(order_ids), len(started), len(order_ids) - len(admitted))
+
+
+async def _admit(
+    client: Client, task_queue: str, order_ids: Sequence[str], max_backlog: int
+) -> Sequence[str]:
+    """The entries to start now: with `max_backlog`, only as many as keep the server's backlog
+    of workflow tasks on the queue under it. A task the server can hand straight to a waiting
+    poller costs it far less than one it must store and fetch again, and orders waiting in the
+    outbox cost it nothing."""
+    if not max_backlog or not order_ids:
+        return order_ids
+    backlog = await workflow_task_backlog(client, task_queue)
+    if backlog is None:
+        return order_ids
+    return order_ids[: max(0, max_backlog - backlog)]
+
+
+async def workflow_task_backlog(client: Client, task_queue: str) -> int | None:
+    """The server's approximate count of workflow tasks waiting on the queue, or None when it
+    does not say (an older server, or no permission to describe the queue)."""
+    try:
+        described = await client.workflow_service.describe_task_queue(
+            DescribeTaskQueueRequest(
+                namespace=client.namespace,
+                task_queue=TaskQueue(name=task_queue),
+                task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
+                report_stats=True,
+            ),
+            timeout=SWEEP_START_TIMEOUT,
+        )
+    except RPCError:
+        return None
+    if not described.HasField("stats"):
+        return None
+    return int(described.stats.approximate_backlog_count)
 
 
 async def _start_in_waves(
@@ -234,6 +290,7 @@ async def run_sweeper(
     batch: int,
     failure_interval: timedelta | None = None,
     eager: bool = False,
+    max_backlog: int = 0,
     stop: asyncio.Event | None = None,
 ) -> None:
     """Sweeps every interval until `stop` is set, at once again after a full batch, and after
@@ -247,13 +304,20 @@ async def run_sweeper(
         wait = interval
         try:
             sweep = await _sweep(
-                sessions, client, task_queue, grace, batch, SWEEP_START_TIMEOUT, eager=eager
+                sessions,
+                client,
+                task_queue,
+                grace,
+                batch,
+                SWEEP_START_TIMEOUT,
+                eager=eager,
+                max_backlog=max_backlog,
             )
             if sweep.started and grace:  # a relay (no grace) starting workflows is routine
                 log.info("sweeper started workflows", extra={"count": sweep.started})
-            if sweep.started < sweep.found:
+            if sweep.started < sweep.found - sweep.held:
                 wait = failure_interval or interval
-            elif sweep.found == batch:
+            elif sweep.found == batch and not sweep.held:
                 continue
         except Exception:
             log.exception("outbox sweep failed; trying again next interval")
@@ -285,5 +349,6 @@ async def run_configured_sweeper(
         failure_interval=sweep_interval,
         batch=settings.OUTBOX_SWEEP_BATCH,
         eager=relay,
+        max_backlog=settings.OUTBOX_RELAY_MAX_BACKLOG if relay else 0,
         stop=stop,
     )

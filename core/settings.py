@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     WORKFLOW_START_MODE: Literal["request", "background", "outbox"] = "request"
     # How often the relay looks for new outbox entries in "outbox" mode.
     OUTBOX_RELAY_INTERVAL_SECONDS: float = Field(default=0.05, gt=0)
+    # The relay starts workflows only while the server holds fewer workflow tasks than this
+    # waiting on the queue (0: no limit); the rest wait in the outbox, which costs nothing.
+    OUTBOX_RELAY_MAX_BACKLOG: int = Field(default=16, ge=0)
     OUTBOX_GRACE_SECONDS: float = Field(default=5.0, ge=0)
     OUTBOX_SWEEP_INTERVAL_SECONDS: float = Field(default=2.0, gt=0)
     OUTBOX_SWEEP_BATCH: int = Field(default=100, ge=1)

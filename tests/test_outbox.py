@@ -24,7 +24,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 
 from core.models import WorkflowOutbox
-from core.outbox import RELAY_CONCURRENCY, run_configured_sweeper, sweep_once
+from core.outbox import RELAY_CONCURRENCY, run_configured_sweeper, sweep_once, workflow_task_backlog
 from core.settings import Settings
 from core.temporal import connect_temporal
 from devsinks.smtp import MailSink
@@ -361,3 +361,31 @@ async def test_one_sweep_starts_a_large_batch_in_concurrent_waves_and_marks_ever
     # One failed start (the API's) and this sweep's.
     assert all(e.started_at is not None and e.start_attempts == 2 for e in entries)
     assert all([await workflow_exists(env.client, order_id) for order_id in order_ids])
+
+
+async def test_the_relay_leaves_entries_in_the_outbox_while_the_servers_backlog_is_full(
+    settings: Settings,
+    unreachable: Settings,
+    env: WorkflowEnvironment,
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    await place_pending_orders(unreachable, sessions, 3)
+    queue = settings.TEMPORAL_TASK_QUEUE  # no worker polls it: every start waits there
+    still_pending = WorkflowOutbox.started_at.is_(None)
+    pending = await count_rows(sessions, WorkflowOutbox, still_pending)
+
+    started = await sweep_once(
+        sessions, env.client, queue, grace=timedelta(0), batch=pending, max_backlog=2
+    )
+    assert started == 2
+    assert await count_rows(sessions, WorkflowOutbox, still_pending) == pending - 2
+
+    async def backlog_is_full() -> bool:
+        return await workflow_task_backlog(env.client, queue) == 2
+
+    await wait_until(backlog_is_full, within=15, message="the server reports a backlog of 2")
+    held = await sweep_once(
+        sessions, env.client, queue, grace=timedelta(0), batch=pending, max_backlog=2
+    )
+    assert held == 0
+    assert await count_rows(sessions, WorkflowOutbox, still_pending) == pending - 2
