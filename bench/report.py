@@ -188,7 +188,9 @@ def _e2e_section(results: dict[str, Any], plots: dict[str, str]) -> list[str]:
         "completion counters reached N). The bare workflow has OrderWorkflow's shape: one local "
         "activity, then two concurrent activities, all with no-op bodies, started with "
         "`start_workflow` at concurrency 16 on the same server. CPU is user+system of each "
-        'process tree over the burst (psutil); the peer\'s "server" is its redis-server.',
+        "process tree over the burst (psutil), from the Temporal server at rest before it until "
+        "the server is at rest again after it (its visibility writes trail the last close); "
+        'the peer\'s "server" is its redis-server.',
         "",
         "| system | N | orders/s | drain s | server CPU ms/order | worker CPU ms/order | "
         "API CPU ms/order | worker RSS MiB |",
