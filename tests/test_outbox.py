@@ -91,17 +91,29 @@ async def workflow_exists(client: Client, order_id: str) -> bool:
 
 
 @asynccontextmanager
-async def sweeping(
+async def worker_process(
     sessions: async_sessionmaker[AsyncSession], client: Client, settings: Settings
 ) -> AsyncIterator[None]:
-    """The worker process's sweeper loop, as `python worker.py` runs it."""
-    sweeper = asyncio.create_task(run_configured_sweeper(sessions, client, settings))
-    try:
-        yield
-    finally:
-        sweeper.cancel()
-        with suppress(asyncio.CancelledError):
-            await sweeper
+    """What `python worker.py` runs: the worker and its sweeper (the relay in outbox mode) on
+    one client, so the relay's eager starts reach this worker."""
+    async with running_worker(client, settings, sessions):
+        sweeper = asyncio.create_task(run_configured_sweeper(sessions, client, settings))
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            with suppress(asyncio.CancelledError):
+                await sweeper
+
+
+def assert_followed_up_once(
+    mail: MailSink, warehouse: WarehouseReceiver, order_id: str, email: str
+) -> None:
+    """One receipt (its stable Message-ID) and one accepted webhook: nothing lost, nothing twice."""
+    assert [m.message_id for m in mail.to(email)] == [
+        f"<{order_id}.send_receipt@orderflow.localhost>"
+    ]
+    assert [d.answered for d in warehouse.deliveries_for(order_id)] == [202]
 
 
 class RecordStarts(Interceptor):
@@ -160,20 +172,13 @@ async def test_failed_start_after_commit_answers_202_and_the_sweeper_completes_t
     assert not await workflow_exists(env.client, order_id)
 
     # Temporal is reachable again: a worker with its sweeper finishes the order.
-    async with (
-        running_worker(env.client, settings, sessions),
-        sweeping(sessions, env.client, settings),
-        api_client(settings) as api,
-    ):
+    async with worker_process(sessions, env.client, settings), api_client(settings) as api:
         await wait_for_order_status(api, order_id, "completed")
 
     entry = await outbox_entry(sessions, order_id)
     assert entry is not None and entry.started_at is not None
     assert entry.start_attempts == 2
-    assert [m.message_id for m in mail.to(body["customer_email"])] == [
-        f"<{order_id}.send_receipt@orderflow.localhost>"
-    ]
-    assert [d.answered for d in warehouse.deliveries_for(order_id)] == [202]
+    assert_followed_up_once(mail, warehouse, order_id, body["customer_email"])
 
 
 async def test_background_start_answers_202_and_the_order_completes(
@@ -287,11 +292,7 @@ async def test_outbox_mode_answers_202_without_temporal_and_the_relay_completes_
     assert not await workflow_exists(env.client, order_id)
 
     # The worker process: the worker and its relay on the same client (eager starts).
-    async with (
-        running_worker(env.client, outbox, sessions),
-        sweeping(sessions, env.client, outbox),
-        api_client(outbox) as api,
-    ):
+    async with worker_process(sessions, env.client, outbox), api_client(outbox) as api:
         await wait_for_order_status(api, order_id, "completed")
 
         async def marked_started() -> WorkflowOutbox | None:
@@ -302,10 +303,7 @@ async def test_outbox_mode_answers_202_without_temporal_and_the_relay_completes_
 
     assert entry.start_attempts == 1
     assert entry.last_error is None
-    assert [m.message_id for m in mail.to(body["customer_email"])] == [
-        f"<{order_id}.send_receipt@orderflow.localhost>"
-    ]
-    assert [d.answered for d in warehouse.deliveries_for(order_id)] == [202]
+    assert_followed_up_once(mail, warehouse, order_id, body["customer_email"])
 
 
 async def test_outbox_mode_takes_orders_while_temporal_is_unreachable_and_never_tries_it(
