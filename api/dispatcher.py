@@ -57,8 +57,8 @@ class WorkflowDispatcher:
                 self._client,
                 order_id,
                 self._task_queue,
-                rpc_timeout=self._timeout,
                 marks=self._marks,
+                rpc_timeout=self._timeout,
             )
         except Exception:
             log.exception("could not dispatch the workflow start", extra={"order_id": order_id})

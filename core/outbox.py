@@ -42,18 +42,18 @@ async def dispatch(
     order_id: str,
     task_queue: str,
     *,
+    marks: StartMarks,
     rpc_timeout: timedelta | None = None,
-    marks: StartMarks | None = None,
 ) -> bool:
     """Starts the order's workflow and marks its outbox entry; False leaves it to the sweeper.
-    With `marks`, a successful start is marked together with the others finishing meanwhile."""
+    A successful start is marked through `marks`, together with the others finishing meanwhile."""
     error = await _start(client, order_id, task_queue, rpc_timeout)
-    if error is None and marks is not None:
+    if error is None:
         await marks.mark(order_id)
         return True
     async with sessions.begin() as session:
-        await _mark(session, order_id, error)
-    return error is None
+        await _mark_failed(session, order_id, error)
+    return False
 
 
 class StartMarks:
@@ -113,10 +113,7 @@ async def _start(
     return None
 
 
-async def _mark(session: AsyncSession, order_id: str, error: str | None) -> None:
-    if error is None:
-        await _mark_started(session, [order_id])
-        return
+async def _mark_failed(session: AsyncSession, order_id: str, error: str) -> None:
     await session.execute(
         update(WorkflowOutbox)
         .where(WorkflowOutbox.order_id == order_id)
@@ -277,7 +274,7 @@ async def _mark_all(session: AsyncSession, started: list[str], failed: dict[str,
     if started:
         await _mark_started(session, started)
     for order_id, error in failed.items():
-        await _mark(session, order_id, error)
+        await _mark_failed(session, order_id, error)
 
 
 async def run_sweeper(
