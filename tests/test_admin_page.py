@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
@@ -291,6 +291,51 @@ async def test_admin_keys_guard_the_page_with_basic_or_bearer(settings: Settings
         assert null_origin.status_code == 403
 
 
+async def park_with_no_worker_left(
+    env: WorkflowEnvironment,
+    api: httpx.AsyncClient,
+    settings: Settings,
+    warehouse: WarehouseReceiver,
+    sessions: async_sessionmaker[AsyncSession],
+    monkeypatch: pytest.MonkeyPatch,
+) -> DeadLetter:
+    """A parked dead letter whose workflow no worker polls any more, with the operator's command
+    timeout cut to 2 s, so a retry is left unconfirmed quickly."""
+    monkeypatch.setattr(dead_letters, "COMMAND_TIMEOUT_SECONDS", 2.0)
+    warehouse.faults.configure(fail_rate=1.0, status=500)
+    async with running_worker(env.client, settings, sessions):
+        letter = await Parker(sessions, env.client).park(api)
+    warehouse.faults.reset()
+    return letter
+
+
+async def retry_until_resolved(
+    env: WorkflowEnvironment,
+    settings: Settings,
+    sessions: async_sessionmaker[AsyncSession],
+    monkeypatch: pytest.MonkeyPatch,
+    letter: DeadLetter,
+    retry: Callable[[], Awaitable[None]],
+) -> None:
+    """With a worker back (the normal command timeout again), `retry` is asked again while the
+    letter is open, until the step has run and resolved it. The new worker first has to take the
+    workflow over from the stopped one's sticky queue, which takes seconds."""
+    monkeypatch.setattr(dead_letters, "COMMAND_TIMEOUT_SECONDS", 30.0)
+
+    async def resolved_after_retrying() -> bool:
+        async with sessions() as session:
+            current = await session.get(DeadLetter, letter.id, populate_existing=True)
+        assert current is not None
+        if current.status == DeadLetterStatus.OPEN:
+            await retry()
+        return current.status == DeadLetterStatus.RESOLVED
+
+    async with running_worker(env.client, settings, sessions):
+        await wait_until(
+            resolved_after_retrying, within=30, message="the retry ran once a worker was back"
+        )
+
+
 async def test_retry_without_a_worker_answers_instead_of_hanging(
     env: WorkflowEnvironment,
     api: httpx.AsyncClient,
@@ -299,11 +344,7 @@ async def test_retry_without_a_worker_answers_instead_of_hanging(
     sessions: async_sessionmaker[AsyncSession],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(dead_letters, "COMMAND_TIMEOUT_SECONDS", 2.0)
-    warehouse.faults.configure(fail_rate=1.0, status=500)
-    async with running_worker(env.client, settings, sessions):
-        letter = await Parker(sessions, env.client).park(api)
-    warehouse.faults.reset()
+    letter = await park_with_no_worker_left(env, api, settings, warehouse, sessions, monkeypatch)
 
     response = await api.post(
         f"/admin/dead-letters/{letter.id}/retry", data={"back": "/admin"}, headers=SAME_ORIGIN
@@ -314,28 +355,16 @@ async def test_retry_without_a_worker_answers_instead_of_hanging(
 
     # Once a worker is back, the operator retries again: accepted, or refused because the first
     # update did reach the workflow after all, or because the workflow has not yet caught up
-    # with its own dead letter; so they ask again while the letter is still open.
-    monkeypatch.setattr(dead_letters, "COMMAND_TIMEOUT_SECONDS", 30.0)
-
-    async def resolved_after_retrying() -> bool:
-        async with sessions() as session:
-            current = await session.get(DeadLetter, letter.id, populate_existing=True)
-        assert current is not None
-        if current.status == DeadLetterStatus.OPEN:
-            again = await api.post(
-                f"/admin/dead-letters/{letter.id}/retry",
-                data={"back": "/admin"},
-                headers=SAME_ORIGIN,
-            )
-            assert again.status_code == 303
-            flash = flash_of((await api.get("/admin")).text)
-            assert flash.startswith(("ok: Retrying", "error: Retry refused")), flash
-        return current.status == DeadLetterStatus.RESOLVED
-
-    async with running_worker(env.client, settings, sessions):
-        await wait_until(
-            resolved_after_retrying, within=30, message="the retry ran once a worker was back"
+    # with its own dead letter.
+    async def retry_on_the_page() -> None:
+        again = await api.post(
+            f"/admin/dead-letters/{letter.id}/retry", data={"back": "/admin"}, headers=SAME_ORIGIN
         )
+        assert again.status_code == 303
+        flash = flash_of((await api.get("/admin")).text)
+        assert flash.startswith(("ok: Retrying", "error: Retry refused")), flash
+
+    await retry_until_resolved(env, settings, sessions, monkeypatch, letter, retry_on_the_page)
 
 
 async def test_api_retry_without_a_worker_answers_504_instead_of_hanging(
@@ -347,11 +376,7 @@ async def test_api_retry_without_a_worker_answers_504_instead_of_hanging(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The JSON API and the CLI share the operator's timeout with the review page.
-    monkeypatch.setattr(dead_letters, "COMMAND_TIMEOUT_SECONDS", 2.0)
-    warehouse.faults.configure(fail_rate=1.0, status=500)
-    async with running_worker(env.client, settings, sessions):
-        letter = await Parker(sessions, env.client).park(api)
-    warehouse.faults.reset()
+    letter = await park_with_no_worker_left(env, api, settings, warehouse, sessions, monkeypatch)
 
     response = await api.post(f"/dead-letters/{letter.id}/retry")
     assert response.status_code == 504
@@ -359,21 +384,9 @@ async def test_api_retry_without_a_worker_answers_504_instead_of_hanging(
 
     # With a worker back, retrying again is accepted, or refused because the first update did
     # reach the workflow after all; either way the step runs and the letter resolves.
-    # Until the workflow has caught up with its own dead letter, its validator refuses (409);
-    # so the operator asks again while the letter is still open. The new worker first has to
-    # take the workflow over from the stopped one's sticky queue, which takes seconds.
-    monkeypatch.setattr(dead_letters, "COMMAND_TIMEOUT_SECONDS", 30.0)
+    # Until the workflow has caught up with its own dead letter, its validator refuses (409).
+    async def retry_through_the_api() -> None:
+        again = await api.post(f"/dead-letters/{letter.id}/retry")
+        assert again.status_code in (202, 409), again.text
 
-    async def resolved_after_retrying() -> bool:
-        async with sessions() as session:
-            current = await session.get(DeadLetter, letter.id, populate_existing=True)
-        assert current is not None
-        if current.status == DeadLetterStatus.OPEN:
-            again = await api.post(f"/dead-letters/{letter.id}/retry")
-            assert again.status_code in (202, 409), again.text
-        return current.status == DeadLetterStatus.RESOLVED
-
-    async with running_worker(env.client, settings, sessions):
-        await wait_until(
-            resolved_after_retrying, within=30, message="the retry ran once a worker was back"
-        )
+    await retry_until_resolved(env, settings, sessions, monkeypatch, letter, retry_through_the_api)
