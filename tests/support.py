@@ -13,6 +13,8 @@ from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client
 
+from core.models import Order
+
 DEFAULT_DEADLINE_SECONDS = 20.0
 
 
@@ -97,3 +99,16 @@ async def wait_for_workflow_closed(client: Client, workflow_id: str, within: flo
     records that step; a test that reads the history waits for the workflow itself to close."""
     async with asyncio.timeout(within):
         await client.get_workflow_handle(workflow_id).result()
+
+
+def order_row(email: str, items: list[dict[str, Any]] | None = None) -> Order:
+    """An order to write straight into the database: no intake, no charge, no workflow."""
+    return Order(
+        id=f"ord_{uuid.uuid4().hex}",
+        idempotency_key=new_key(),
+        customer_email=email,
+        currency="USD",
+        amount_cents=100,
+        items=items or [],
+        charge_id=f"ch_{uuid.uuid4().hex[:12]}",
+    )

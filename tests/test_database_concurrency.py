@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -37,7 +36,7 @@ from core.payments import SandboxGateway
 from core.settings import Settings
 from devsinks.smtp import MailSink
 from tests.conftest import ROOT, WEBHOOK_SECRET, free_port
-from tests.support import new_key, order_body, wait_until
+from tests.support import new_key, order_body, order_row, wait_until
 
 ON_POSTGRES = bool(os.environ.get("TEST_DATABASE_URL"))
 needs_postgres = pytest.mark.skipif(
@@ -301,19 +300,10 @@ async def test_steps_succeeding_at_once_both_count_towards_the_order_status(
     """Two steps recorded in overlapping transactions: the second refresh waits for the first's
     lock on the order, then must see the first's committed step (READ COMMITTED reads it in a
     statement that starts after the wait), so the order ends completed."""
-    order_id = f"ord_{uuid.uuid4().hex}"
+    order = order_row("buyer@example.com")
+    order_id = order.id
     async with sessions.begin() as session:
-        session.add(
-            Order(
-                id=order_id,
-                idempotency_key=new_key(),
-                customer_email="buyer@example.com",
-                currency="USD",
-                amount_cents=100,
-                items=[],
-                charge_id="ch_test",
-            )
-        )
+        session.add(order)
         await session.flush()
         session.add_all([OrderStep(order_id=order_id, step=step) for step in STEPS])
     first, second = STEPS
@@ -335,6 +325,6 @@ async def test_steps_succeeding_at_once_both_count_towards_the_order_status(
         await blocked
         await waiting.commit()
     async with sessions() as session:
-        order = await session.get(Order, order_id)
-        assert order is not None
-        assert order.status == OrderStatus.COMPLETED
+        stored = await session.get(Order, order_id)
+        assert stored is not None
+        assert stored.status == OrderStatus.COMPLETED

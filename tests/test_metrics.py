@@ -37,7 +37,7 @@ from core.settings import Settings
 from core.temporal import connect_temporal, start_order_workflow
 from devsinks.warehouse import WarehouseReceiver
 from tests.conftest import api_client, free_port, running_worker
-from tests.support import new_key, order_body, wait_until
+from tests.support import new_key, order_body, order_row, wait_until
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -128,19 +128,10 @@ async def parked_rows(
 ) -> AsyncIterator[str]:
     """An order whose workflow start is five minutes overdue and whose warehouse step is parked,
     written straight into the database; removed afterwards so no other test sees it."""
-    order_id = f"ord_{uuid.uuid4().hex}"
+    order = order_row("metrics@example.com", [{"sku": "X", "quantity": 1, "unit_price_cents": 100}])
+    order_id = order.id
     async with sessions.begin() as session:
-        session.add(
-            Order(
-                id=order_id,
-                idempotency_key=new_key(),
-                customer_email="metrics@example.com",
-                currency="USD",
-                amount_cents=100,
-                items=[{"sku": "X", "quantity": 1, "unit_price_cents": 100}],
-                charge_id=f"ch_{uuid.uuid4().hex[:12]}",
-            )
-        )
+        session.add(order)
         await session.flush()
         session.add(WorkflowOutbox(order_id=order_id, created_at=utcnow() - timedelta(minutes=5)))
         session.add(
