@@ -114,7 +114,8 @@ def plan(env: Mapping[str, str], python: str = sys.executable) -> Plan:
     stack = Plan(
         data_dir, {**env, "SINKS_DATA_DIR": env.get("SINKS_DATA_DIR") or str(data_dir)}, []
     )
-    api = f"http://{LOOPBACK}:{_port(env, 'API_PORT', API_PORT_DEFAULT)}"
+    api_port = _port(env, "API_PORT", API_PORT_DEFAULT)
+    api = f"http://{LOOPBACK}:{api_port}"
     database = make_url(env.get("DATABASE_URL") or _default("DATABASE_URL"))
     stack.summary += [
         ("API docs", f"{api}/docs"),
@@ -124,13 +125,10 @@ def plan(env: Mapping[str, str], python: str = sys.executable) -> Plan:
     _temporal(stack, env)
     _sinks(stack, env, python)
     _worker(stack, env, python)
-    port = _port(env, "API_PORT", API_PORT_DEFAULT)
     argv = [python, "-m", "uvicorn", "api.main:app", "--log-level", "warning"]
-    argv += ["--host", LOOPBACK, "--port", str(port)]
-    ready = f"{api}/readyz"
-    stack.services.append(
-        Service("api", "API", argv, [Port("API", port, "API_PORT")], ready_url=ready)
-    )
+    argv += ["--host", LOOPBACK, "--port", str(api_port)]
+    ports = [Port("API", api_port, "API_PORT")]
+    stack.services.append(Service("api", "API", argv, ports, ready_url=f"{api}/readyz"))
     return stack
 
 
@@ -224,7 +222,10 @@ def _worker(stack: Plan, env: Mapping[str, str], python: str) -> None:
         ports.append(Port("worker metrics", port, "WORKER_METRICS_ADDRESS", off, optional, host))
         stack.summary.append(("Worker metrics", f"http://{metrics}/metrics"))
     try:
-        graceful = float(env.get("WORKER_GRACEFUL_SHUTDOWN_SECONDS") or 30)
+        graceful = float(
+            env.get("WORKER_GRACEFUL_SHUTDOWN_SECONDS")
+            or _default("WORKER_GRACEFUL_SHUTDOWN_SECONDS")
+        )
     except ValueError as bad:
         raise PlanError(f"WORKER_GRACEFUL_SHUTDOWN_SECONDS: {bad}") from None
     stack.services.append(

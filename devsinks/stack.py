@@ -56,11 +56,11 @@ def check_ports(stack: Plan) -> tuple[list[str], list[Port]]:
     wanted = [port.port for port in stack.ports]
     problems: list[str] = []
     gave_way: list[Port] = []
-    for port in stack.ports:
-        if wanted.count(port.port) > 1:
-            others = ", ".join(p.service for p in stack.ports if p.port == port.port and p != port)
+    for index, port in enumerate(stack.ports):
+        earlier = [p.service for p in stack.ports[:index] if p.port == port.port]
+        if earlier:
             problems.append(
-                f"  {port.service} ({port.variable}) and {others} both want port {port.port}: "
+                f"  {port.service} and {earlier[0]} both want port {port.port}: "
                 f"set {port.variable} to another port"
             )
         elif is_free(port):

@@ -79,7 +79,11 @@ class Supervisor:
         in time, or a stop was asked for first."""
         self.plan.log_dir.mkdir(parents=True, exist_ok=True)
         for service in self.plan.services:
-            running = await self._spawn(service)
+            try:
+                running = await self._spawn(service)
+            except OSError as failure:
+                self.say(f"orderflow: could not start the {service.title}: {failure}")
+                return False
             if not await self._ready(running):
                 return False
         return True
