@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import sys
@@ -174,7 +175,8 @@ async def test_make_run_sends_to_your_smtp_server_and_warehouse_and_starts_no_si
         assert f"using your SMTP server at 127.0.0.1:{smtp_server.port}" in stack.output
         assert f"using your warehouse at {warehouse_server.url}" in stack.output
         assert "starting Temporal dev server, worker, API" in stack.output
-        assert f"Mail            yours at 127.0.0.1:{smtp_server.port}" in stack.output
+        assert re.search(rf"Mail +yours at 127\.0\.0\.1:{smtp_server.port} ", stack.output)
+        assert re.search(rf"Warehouse +yours at {re.escape(warehouse_server.url)} ", stack.output)
         assert not (data / "logs" / "sinks.log").exists()
         with listening(int(env["SINKS_HTTP_PORT"])), listening(int(env["SINKS_SMTP_PORT"])):
             pass  # free: no sink took them
