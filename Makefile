@@ -6,7 +6,10 @@ BIN := $(VENV)/bin
 
 # Dev values; a variable the caller sets in the environment wins over these.
 export WEBHOOK_SIGNING_SECRET ?= dev-only-webhook-secret
-export DATABASE_URL ?= sqlite+aiosqlite:///./.data/orderflow.db
+# `make run` keeps its state here (SQLite, Temporal's database, mail, logs); another directory
+# gives a second, separate stack.
+export ORDERFLOW_DATA_DIR ?= .data
+export DATABASE_URL ?= sqlite+aiosqlite:///$(ORDERFLOW_DATA_DIR)/orderflow.db
 export ORDERFLOW_ENV ?= dev
 
 .PHONY: run test test-sqlite test-postgres test-fast test-slow lint format migrate bench clean

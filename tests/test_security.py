@@ -36,6 +36,7 @@ from api.main import create_app
 from core.models import Order, PaymentCharge
 from core.settings import Settings
 from core.signing import SIGNATURE_HEADER, sign, verify_signature
+from devsinks.plan import plan
 from devsinks.warehouse import WarehouseReceiver
 from tests.conftest import (
     ROOT,
@@ -634,12 +635,12 @@ def test_verify_signature(header: str | None, body: bytes, secret: bytes, expect
 
 
 def test_make_run_binds_the_temporal_ui_and_the_api_to_loopback() -> None:
-    script = (ROOT / "scripts" / "run-dev.sh").read_text()
-    temporal = script[script.index("temporal server start-dev") :].split("&\n")[0]
-    assert "--ip 127.0.0.1" in temporal
-    assert "--ui-ip 127.0.0.1" in temporal
-    assert re.search(r"uvicorn api\.main:app --host 127\.0\.0\.1 ", script)
-    assert "0.0.0.0" not in script
+    stack = plan({})
+    assert {port.host for port in stack.ports} == {"127.0.0.1"}
+    argv = {service.name: " ".join(service.argv) for service in stack.services}
+    assert "--ip 127.0.0.1" in argv["temporal"] and "--ui-ip 127.0.0.1" in argv["temporal"]
+    assert re.search(r"uvicorn api\.main:app .*--host 127\.0\.0\.1 ", argv["api"])
+    assert "0.0.0.0" not in str(argv)
 
 
 def _listening_addresses(port: int) -> set[str]:
