@@ -27,7 +27,7 @@ from bench.dbos_peer.workflow import Clients, process_order, use_clients
 from core.db import create_engine, create_sessionmaker
 from core.models import Order, utcnow
 from core.payments import SandboxGateway
-from core.settings import get_settings
+from core.settings import Settings, get_settings
 
 
 @event.listens_for(Engine, "connect")
@@ -40,10 +40,13 @@ def _sqlite_as_the_bench_runs_it(connection: Any, _record: Any) -> None:
         connection.execute("PRAGMA synchronous=NORMAL")
 
 
-def dbos_config() -> DBOSConfig:
+def dbos_config(settings: Settings) -> DBOSConfig:
     return {
         "name": "orderflow-dbos-peer",
         "system_database_url": os.environ["DBOS_SYSTEM_DATABASE_URL"],
+        # The pool orderflow's processes get (DBOS's default is 20 connections, which on a shared
+        # PostgreSQL server runs it out of connections beside the order database's pool).
+        "sys_db_pool_size": settings.DATABASE_POOL_SIZE,
         "log_level": os.environ.get("LOG_LEVEL", "WARNING"),
         # One executor, as a single-process deployment runs: at launch it recovers the PENDING
         # workflows this ID left behind.
@@ -61,7 +64,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     mailer = SmtpMailer(settings.SMTP_HOST, settings.SMTP_PORT, settings.SMTP_TIMEOUT_SECONDS)
     async with httpx.AsyncClient(timeout=settings.WEBHOOK_TIMEOUT_SECONDS) as http:
         use_clients(Clients(mailer, http))
-        DBOS(config=dbos_config())
+        DBOS(config=dbos_config(settings))
         DBOS.launch()
         try:
             yield
