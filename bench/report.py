@@ -133,7 +133,9 @@ def _intake_section(results: dict[str, Any], plots: dict[str, str]) -> list[str]
         "## 1. Intake latency",
         "",
         "What the customer waits for. No worker polls the API's task queue during these rows "
-        "and no Celery worker consumes the peer's queue, so each row is the request path alone.",
+        "and no Celery worker consumes the peer's queue, so each row is the request path alone. "
+        "The DBOS peer has no worker to leave out: its workflows run in its API process, beside "
+        "the requests that started them, and its API CPU per request includes theirs.",
         "",
         "| endpoint | c | requests | p50 ms | p95 ms | p99 ms | req/s | API CPU ms/req |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
