@@ -2,8 +2,8 @@
 dev server (intake, end to end against the bare ceilings and the Celery and DBOS peers, parked
 orders), and writes docs/benchmarks.md and its plots.
 
-    python -m bench            # the full run (`make bench`), under ten minutes on 2 cores
-    python -m bench --quick    # a smoke run: small sizes, a minute or two
+    python -m bench            # the full run (`make bench`), 10-15 minutes on 2 cores
+    python -m bench --quick    # a smoke run: small sizes, three or four minutes
     python -m bench --database postgresql+asyncpg://postgres@127.0.0.1:5432/postgres
                                # each phase on a new database on that server, not a SQLite file
 """
