@@ -376,8 +376,9 @@ def _targets(results: dict[str, Any]) -> list[str]:
             ok = ours["rps"] >= peer["rps"] and ours["p99"] <= peer["p99"]
             lines.append(
                 f"| intake ≥ Celery peer at c=16 ({mode} mode) | {_f(ours['rps'])} vs "
-                f"{_f(peer['rps'])} req/s; p99 {_f(ours['p99'])} vs {_f(peer['p99'])} ms | "
-                f"{_verdict(ok)} |"
+                f"{_f(peer['rps'])} req/s ({_f(_ratio(ours['rps'], peer['rps']), 2)}x); "
+                f"p99 {_f(ours['p99'])} vs {_f(peer['p99'])} ms "
+                f"({_f(_ratio(ours['p99'], peer['p99']), 2)}x) | {_verdict(ok)} |"
             )
         ours1 = _find(intake, name=f"orderflow_{mode}", concurrency=1)
         inline = _find(intake, name="inline", concurrency=1)
@@ -514,7 +515,7 @@ def _plots(results: dict[str, Any], out: Path) -> dict[str, str]:
         fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
         for name, marker in (
             ("bare_workflow", "o"),
-            ("bare_local_first", "o"),
+            ("bare_local_first", "P"),
             ("orderflow_1w", "s"),
             ("orderflow_2w", "D"),
             ("celery_peer", "^"),
