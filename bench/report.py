@@ -443,14 +443,16 @@ def _e2e_targets(e2e: list[dict[str, Any]]) -> list[str]:
             ratio = _ratio(rate, celery["orders_per_second"])
             lines.append(
                 f"| end-to-end ≥ {E2E_VS_CELERY} of the Celery peer, 1 worker, N={n} | "
-                f"{_f(ratio, 2)} | {_at_least(ratio, E2E_VS_CELERY)} |"
+                f"{_f(ratio, 2)} ({_f(rate)} vs {_f(celery['orders_per_second'])} orders/s) | "
+                f"{_at_least(ratio, E2E_VS_CELERY)} |"
             )
         local_first = _find(e2e, name="bare_local_first", n=n)
         if local_first:
             ratio = _ratio(rate, local_first["orders_per_second"])
             lines.append(
                 f"| end-to-end ≥ {E2E_VS_LOCAL_FIRST} of bare local-first, 1 worker, N={n} | "
-                f"{_f(ratio, 2)} | {_at_least(ratio, E2E_VS_LOCAL_FIRST)} |"
+                f"{_f(ratio, 2)} ({_f(rate)} vs {_f(local_first['orders_per_second'])} "
+                f"orders/s) | {_at_least(ratio, E2E_VS_LOCAL_FIRST)} |"
             )
             cpu = _server_ratio(row, local_first)
             lines.append(
