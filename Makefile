@@ -36,7 +36,7 @@ $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[bench]'
 	touch $@ $(VENV)/.installed
 
-# The benchmarks of docs/benchmarks.md (about ten minutes on 2 cores); BENCH_ARGS=--quick smokes.
+# The benchmarks of docs/benchmarks.md (10-15 minutes on 2 cores); BENCH_ARGS=--quick smokes.
 bench: $(VENV)/.installed-bench
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m bench $(BENCH_ARGS)
 

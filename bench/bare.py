@@ -1,5 +1,11 @@
-"""The ceiling: a workflow with OrderWorkflow's exact activity shape (one local activity, then two
-concurrent activities) whose bodies do nothing, run by a worker with the same settings.
+"""The ceilings: workflows with OrderWorkflow's activity shape whose bodies do nothing, run by a
+worker with the same settings.
+
+- BareWorkflow: one local activity, then two concurrent activities (each step an activity task);
+- BareLocalFirstWorkflow: one local activity, then the two steps concurrently, each one's first
+  attempt a local activity in the same workflow task and only a failed step going on as a
+  regular activity with the rest of its attempts. With no-op bodies nothing fails, so the whole
+  workflow is settled in its first workflow task: the shape local-first steps aim for.
 
     python -m bench.bare --queue Q      # the bare worker (reads TEMPORAL_* and WORKER_* settings)
 """
@@ -14,9 +20,12 @@ from datetime import timedelta
 
 from temporalio import activity, workflow
 from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError
 from temporalio.worker import Worker
 
 BARE_WORKFLOW = "BareWorkflow"
+BARE_LOCAL_FIRST_WORKFLOW = "BareLocalFirstWorkflow"
+ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
@@ -43,7 +52,7 @@ async def bare_step(input: BareInput) -> BareResult:
 class BareWorkflow:
     @workflow.run
     async def run(self, input: BareInput) -> BareResult:
-        retry = RetryPolicy(maximum_attempts=5)
+        retry = RetryPolicy(maximum_attempts=ATTEMPTS)
         await workflow.execute_local_activity(
             bare_policy,
             input,
@@ -64,6 +73,38 @@ class BareWorkflow:
         return BareResult(input.order_id)
 
 
+@workflow.defn(name=BARE_LOCAL_FIRST_WORKFLOW)
+class BareLocalFirstWorkflow:
+    @workflow.run
+    async def run(self, input: BareInput) -> BareResult:
+        await workflow.execute_local_activity(
+            bare_policy,
+            input,
+            start_to_close_timeout=timedelta(seconds=10),
+            retry_policy=RetryPolicy(maximum_attempts=ATTEMPTS),
+        )
+        await asyncio.gather(*(self.step(input) for _ in range(2)))
+        return BareResult(input.order_id)
+
+    async def step(self, input: BareInput) -> BareResult:
+        try:
+            return await workflow.execute_local_activity(
+                bare_step,
+                input,
+                start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=RetryPolicy(maximum_attempts=1),
+            )
+        # A failed local activity may arrive wrapped in ActivityError or as the bare
+        # ApplicationError.
+        except (ActivityError, ApplicationError):
+            return await workflow.execute_activity(
+                bare_step,
+                input,
+                start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=RetryPolicy(maximum_attempts=ATTEMPTS - 1),
+            )
+
+
 async def run_worker(queue: str) -> None:
     from core.settings import Settings
     from core.temporal import connect_temporal
@@ -73,7 +114,7 @@ async def run_worker(queue: str) -> None:
     worker = Worker(
         client,
         task_queue=queue,
-        workflows=[BareWorkflow],
+        workflows=[BareWorkflow, BareLocalFirstWorkflow],
         activities=[bare_policy, bare_step],
         max_concurrent_activities=settings.WORKER_MAX_CONCURRENT_ACTIVITIES,
         max_concurrent_workflow_tasks=settings.WORKER_MAX_CONCURRENT_WORKFLOW_TASKS,

@@ -117,6 +117,21 @@ class Databases:
         _migrate(url)
         return url
 
+    def dbos_system(self, url: str) -> str:
+        """DBOS's system database for the phase whose order database is at url, as a URL DBOS
+        takes: a SQLite file beside the order file (SQLite has one writer per file, and DBOS's
+        own default is a file of its own), or on PostgreSQL the order database itself, where DBOS
+        keeps its tables in the schema `dbos`, as an application usually runs it."""
+        parsed = make_url(url)
+        if parsed.get_backend_name() == "sqlite":
+            return f"sqlite:///{Path(parsed.database or '').with_suffix('.dbos.sqlite')}"
+        return parsed.set(drivername="postgresql").render_as_string(hide_password=False)
+
+    @staticmethod
+    def dbos_table(system: str, table: str) -> str:
+        """A DBOS system table by the name a query uses: on PostgreSQL it lives in `dbos`."""
+        return table if make_url(system).get_backend_name() == "sqlite" else f"dbos.{table}"
+
     def unused(self) -> str:
         """A URL for processes that never open their database (floors, the bare worker)."""
         return f"sqlite+aiosqlite:///{self.workdir / 'unused.db'}"

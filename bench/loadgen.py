@@ -4,7 +4,7 @@ deadline, and prints one JSON line with every latency.
 
     python -m bench.loadgen http URL --count 1000 --concurrency 16 --deadline 120
     python -m bench.loadgen start --queue Q --count 1000 --concurrency 16   # bare start_workflow
-    python -m bench.loadgen bare-burst --queue Q --count 500 --concurrency 16
+    python -m bench.loadgen bare-burst --queue Q --count 500 --concurrency 16 [--workflow NAME]
 """
 
 from __future__ import annotations
@@ -127,11 +127,12 @@ async def start_load(queue: str, count: int, concurrency: int, deadline: float) 
 
 
 async def bare_burst(
-    queue: str, count: int, concurrency: int, deadline: float, already: int
+    queue: str, count: int, concurrency: int, deadline: float, already: int, workflow: str
 ) -> LoadResult:
-    """The ceiling's burst: starts `count` bare workflows, then waits until every one closed.
-    `elapsed` runs from the first start to the last close as Temporal recorded it."""
-    from bench.bare import BARE_WORKFLOW, BareInput
+    """The ceiling's burst: starts `count` bare workflows (of the type named), then waits until
+    every one closed. `elapsed` runs from the first start to the last close as Temporal recorded
+    it."""
+    from bench.bare import BareInput
     from core.settings import Settings
     from core.temporal import connect_temporal
 
@@ -140,7 +141,7 @@ async def bare_burst(
 
     async def start(index: int) -> str:
         await client.start_workflow(
-            BARE_WORKFLOW,
+            workflow,
             BareInput(f"bare_{run}_{index}"),
             id=f"bare_{run}_{index}",
             task_queue=queue,
@@ -191,6 +192,7 @@ def main() -> None:
     parser.add_argument("--deadline", type=float, default=120.0)
     parser.add_argument("--warmup", type=int, default=WARMUP)
     parser.add_argument("--already", type=int, default=0, help="bare workflows done before")
+    parser.add_argument("--workflow", default="BareWorkflow", help="the bare workflow type")
     args = parser.parse_args()
     if args.mode == "history":
         _finish(asyncio.run(history(args.queue)))
@@ -202,7 +204,14 @@ def main() -> None:
         result = asyncio.run(start_load(args.queue, args.count, args.concurrency, args.deadline))
     else:
         result = asyncio.run(
-            bare_burst(args.queue, args.count, args.concurrency, args.deadline, args.already)
+            bare_burst(
+                args.queue,
+                args.count,
+                args.concurrency,
+                args.deadline,
+                args.already,
+                args.workflow,
+            )
         )
     _finish(asdict(result))
 

@@ -17,7 +17,21 @@ INTAKE_NAMES = {
     "orderflow_outbox": "POST /orders, WORKFLOW_START_MODE=outbox",
     "inline": "(c) inline follow-ups (SMTP 200 ms, webhook 300 ms)",
     "celery_peer": "Celery peer intake (charge, row, 2 enqueues)",
+    "dbos_peer": "DBOS peer intake (charge, row, durable start; its workflows run alongside)",
 }
+E2E_NAMES = {
+    "bare_workflow": "bare workflow (ceiling)",
+    "bare_local_first": "bare local-first workflow (ceiling)",
+    "orderflow_1w": "orderflow, 1 worker",
+    "orderflow_2w": "orderflow, 2 workers",
+    "celery_peer": "Celery peer",
+    "dbos_peer": "DBOS peer (one process: API and workflows)",
+}
+# The targets the issue set, as ratios within one run.
+E2E_VS_CELERY = 0.5
+E2E_VS_LOCAL_FIRST = 0.8
+SERVER_CPU_VS_LOCAL_FIRST = 1.15
+WORKER_CPU_MS = 20.0
 
 
 def _find(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
@@ -85,7 +99,9 @@ def _markdown(results: dict[str, Any], plots: dict[str, str], label: str) -> lis
         "`journal_mode=wal`, `synchronous=normal`, `OrderStatus` registered), "
         "`python worker.py`, the API under uvicorn, the SMTP and warehouse receivers "
         "(`bench/sinks.py`, the project's `devsinks` with a latency per call), its own "
-        "`redis-server` (no persistence) and a Celery worker. Load comes from a separate process "
+        "`redis-server` (no persistence) and a Celery worker, and the DBOS peer's one process "
+        "(`bench/dbos_peer/`: API and workflows, DBOS's tables in the run's database kind). "
+        "Load comes from a separate process "
         "(`bench/loadgen.py`, httpx, bounded in count and time). Each figure below is set "
         "against a floor, a ceiling or the peer measured in the same run.",
         "",
@@ -117,7 +133,9 @@ def _intake_section(results: dict[str, Any], plots: dict[str, str]) -> list[str]
         "## 1. Intake latency",
         "",
         "What the customer waits for. No worker polls the API's task queue during these rows "
-        "and no Celery worker consumes the peer's queue, so each row is the request path alone.",
+        "and no Celery worker consumes the peer's queue, so each row is the request path alone. "
+        "The DBOS peer has no worker to leave out: its workflows run in its API process, beside "
+        "the requests that started them, and its API CPU per request includes theirs.",
         "",
         "| endpoint | c | requests | p50 ms | p95 ms | p99 ms | req/s | API CPU ms/req |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -132,6 +150,7 @@ def _intake_section(results: dict[str, Any], plots: dict[str, str]) -> list[str]
     lines += ["", "Ratios (same run):", "", "| ratio | c=1 | c=16 |", "|---|---:|---:|"]
     for mode in START_MODES:
         cells_floor, cells_inline, cells_peer_rps, cells_peer_p99 = [], [], [], []
+        cells_dbos_rps, cells_dbos_p99 = [], []
         for c in (1, 16):
             ours = _find(rows, name=f"orderflow_{mode}", concurrency=c)
             http = _find(rows, name="http_floor", concurrency=c)
@@ -149,6 +168,13 @@ def _intake_section(results: dict[str, Any], plots: dict[str, str]) -> list[str]
             cells_peer_p99.append(
                 _ratio(ours["p99"] if ours else None, peer["p99"] if peer else None)
             )
+            dbos = _find(rows, name="dbos_peer", concurrency=c)
+            cells_dbos_rps.append(
+                _ratio(ours["rps"] if ours else None, dbos["rps"] if dbos else None)
+            )
+            cells_dbos_p99.append(
+                _ratio(ours["p99"] if ours else None, dbos["p99"] if dbos else None)
+            )
         lines += [
             f"| {mode}: p50 ÷ (HTTP floor p50 + Temporal floor p50) | "
             + " | ".join(_f(x, 2) for x in cells_floor)
@@ -163,6 +189,15 @@ def _intake_section(results: dict[str, Any], plots: dict[str, str]) -> list[str]
             + " | ".join(_f(x, 2) for x in cells_peer_p99)
             + " |",
         ]
+        if any(_find(rows, name="dbos_peer", concurrency=c) for c in (1, 16)):
+            lines += [
+                f"| {mode}: req/s ÷ DBOS peer req/s | "
+                + " | ".join(_f(x, 2) for x in cells_dbos_rps)
+                + " |",
+                f"| {mode}: p99 ÷ DBOS peer p99 (below 1 is better) | "
+                + " | ".join(_f(x, 2) for x in cells_dbos_p99)
+                + " |",
+            ]
     lines.append("")
     if "intake" in plots:
         lines += [f"![intake latency]({plots['intake']})", ""]
@@ -173,12 +208,7 @@ def _e2e_section(results: dict[str, Any], plots: dict[str, str]) -> list[str]:
     rows = results["e2e"]
     if not rows:
         return []
-    names = {
-        "bare_workflow": "bare workflow (ceiling)",
-        "orderflow_1w": "orderflow, 1 worker",
-        "orderflow_2w": "orderflow, 2 workers",
-        "celery_peer": "Celery peer",
-    }
+    names = E2E_NAMES
     lines = [
         "## 2. End-to-end throughput",
         "",
@@ -190,42 +220,62 @@ def _e2e_section(results: dict[str, Any], plots: dict[str, str]) -> list[str]:
         "`start_workflow` at concurrency 16 on the same server. CPU is user+system of each "
         "process tree over the burst (psutil), from the Temporal server at rest before it until "
         "the server is at rest again after it (its visibility writes trail the last close); "
-        'the peer\'s "server" is its redis-server.',
+        'the Celery peer\'s "server" is its redis-server. The bare local-first workflow has the '
+        "same shape with each step's first attempt a local activity in the first workflow task "
+        "(a regular activity only on failure, which no-op bodies never have). The DBOS peer is "
+        "one process, its API and its workflow runner (DBOS runs workflows in the process that "
+        "starts them), so all of its CPU is in the API column; on SQLite that includes its "
+        "database, and its RSS is in the worker RSS column. Its end is the latest `completed_at` "
+        "of its SUCCESS workflows in DBOS's system database. On PostgreSQL the database "
+        "server's own CPU is in no column, for any system: DBOS keeps its durable state there, "
+        "while the Temporal server (its own SQLite file, counted) keeps orderflow's.",
         "",
         "| system | N | orders/s | drain s | server CPU ms/order | worker CPU ms/order | "
-        "API CPU ms/order | worker RSS MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "API CPU ms/order | all CPU ms/order | worker RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         cpu = row["cpu_ms_per_order"]
         lines.append(
             f"| {names.get(row['name'], row['name'])} | {row['n']} | "
             f"{_f(row['orders_per_second'])} | {_f(row['drain_seconds'])} | "
-            f"{_f(cpu.get('server', float('nan')))} | {_f(cpu.get('worker', float('nan')))} | "
-            f"{_f(cpu['api']) if 'api' in cpu else ''} | {_f(row['worker_rss_mib'], 0)} |"
+            f"{_cell(cpu, 'server')} | {_cell(cpu, 'worker')} | {_cell(cpu, 'api')} | "
+            f"{_f(sum(cpu.values()))} | {_f(row['worker_rss_mib'], 0)} |"
         )
     lines += [
         "",
-        "| N | orderflow (1 worker) ÷ bare, orders/s | server CPU per order ÷ bare | "
-        "orderflow ÷ Celery peer, orders/s |",
-        "|---:|---:|---:|---:|",
+        "orderflow (1 worker) against each, within the run:",
+        "",
+        "| N | ÷ bare, orders/s | server CPU per order ÷ bare | ÷ bare local-first, orders/s | "
+        "server CPU per order ÷ bare local-first | ÷ Celery peer, orders/s | "
+        "÷ DBOS peer, orders/s |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for n in sorted({row["n"] for row in rows}):
         ours = _find(rows, name="orderflow_1w", n=n)
         if not ours:
             continue
-        bare = _find(rows, name="bare_workflow", n=n) or {}
-        peer = _find(rows, name="celery_peer", n=n) or {}
-        rate = _ratio(ours["orders_per_second"], bare.get("orders_per_second"))
-        server = _ratio(
-            ours["cpu_ms_per_order"]["server"], bare.get("cpu_ms_per_order", {}).get("server")
-        )
-        vs_peer = _ratio(ours["orders_per_second"], peer.get("orders_per_second"))
-        lines.append(f"| {n} | {_f(rate, 2)} | {_f(server, 2)} | {_f(vs_peer, 2)} |")
+        cells = []
+        for other in ("bare_workflow", "bare_local_first", "celery_peer", "dbos_peer"):
+            theirs = _find(rows, name=other, n=n) or {}
+            cells.append(_ratio(ours["orders_per_second"], theirs.get("orders_per_second")))
+            if other.startswith("bare"):
+                cells.append(_server_ratio(ours, theirs))
+        lines.append(f"| {n} | " + " | ".join(_f(x, 2) for x in cells) + " |")
     lines.append("")
     if "e2e" in plots:
         lines += [f"![end-to-end throughput]({plots['e2e']})", ""]
     return lines
+
+
+def _cell(cpu: dict[str, float], group: str) -> str:
+    return _f(cpu[group]) if group in cpu else ""
+
+
+def _server_ratio(ours: dict[str, Any], theirs: dict[str, Any]) -> float:
+    return _ratio(
+        ours["cpu_ms_per_order"]["server"], theirs.get("cpu_ms_per_order", {}).get("server")
+    )
 
 
 def _parked_section(results: dict[str, Any], plots: dict[str, str]) -> list[str]:
@@ -261,25 +311,31 @@ def _history_section(results: dict[str, Any]) -> list[str]:
     history = results.get("history") or {}
     if not history.get("bare") or not history.get("orderflow"):
         return []
-    kinds = sorted(set(history["bare"]["by_type"]) | set(history["orderflow"]["by_type"]))
+    columns = [
+        (key, title)
+        for key, title in (
+            ("bare", "bare workflow"),
+            ("bare_local_first", "bare local-first"),
+            ("orderflow", "OrderWorkflow"),
+        )
+        if history.get(key)
+    ]
+    kinds = sorted({kind for key, _ in columns for kind in history[key]["by_type"]})
     lines = [
         "## What the server does per order",
         "",
         "Events in one completed workflow's history (the server's work grows with these, and "
         "with the visibility writes that search attributes cause):",
         "",
-        "| event | bare workflow | OrderWorkflow |",
-        "|---|---:|---:|",
+        "| event | " + " | ".join(title for _, title in columns) + " |",
+        "|---|" + "---:|" * len(columns),
     ]
     for kind in kinds:
         name = kind.removesuffix("_event_attributes")
-        bare = history["bare"]["by_type"].get(kind, 0)
-        ours = history["orderflow"]["by_type"].get(kind, 0)
-        lines.append(f"| {name} | {bare} | {ours} |")
-    lines += [
-        f"| **total** | {history['bare']['events']} | {history['orderflow']['events']} |",
-        "",
-    ]
+        counts = [str(history[key]["by_type"].get(kind, 0)) for key, _ in columns]
+        lines.append(f"| {name} | " + " | ".join(counts) + " |")
+    totals = [str(history[key]["events"]) for key, _ in columns]
+    lines += ["| **total** | " + " | ".join(totals) + " |", ""]
     return lines
 
 
@@ -320,8 +376,9 @@ def _targets(results: dict[str, Any]) -> list[str]:
             ok = ours["rps"] >= peer["rps"] and ours["p99"] <= peer["p99"]
             lines.append(
                 f"| intake ≥ Celery peer at c=16 ({mode} mode) | {_f(ours['rps'])} vs "
-                f"{_f(peer['rps'])} req/s; p99 {_f(ours['p99'])} vs {_f(peer['p99'])} ms | "
-                f"{_verdict(ok)} |"
+                f"{_f(peer['rps'])} req/s ({_f(_ratio(ours['rps'], peer['rps']), 2)}x); "
+                f"p99 {_f(ours['p99'])} vs {_f(peer['p99'])} ms "
+                f"({_f(_ratio(ours['p99'], peer['p99']), 2)}x) | {_verdict(ok)} |"
             )
         ours1 = _find(intake, name=f"orderflow_{mode}", concurrency=1)
         inline = _find(intake, name="inline", concurrency=1)
@@ -331,6 +388,7 @@ def _targets(results: dict[str, Any]) -> list[str]:
                 f"| ≥10x faster than inline at p50, c=1 ({mode} mode) | {_f(speedup)}x | "
                 f"{_verdict(speedup >= 10)} |"
             )
+    lines += _e2e_targets(e2e)
     for row in e2e:
         if row["name"] != "orderflow_1w":
             continue
@@ -372,6 +430,60 @@ def _targets(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _e2e_targets(e2e: list[dict[str, Any]]) -> list[str]:
+    """The end-to-end targets, per burst size: against the Celery peer, the bare local-first
+    ceiling (throughput and server CPU), the worker's own CPU, and the DBOS peer (reported)."""
+    lines = []
+    for row in e2e:
+        if row["name"] != "orderflow_1w":
+            continue
+        n, rate = row["n"], row["orders_per_second"]
+        celery = _find(e2e, name="celery_peer", n=n)
+        if celery:
+            ratio = _ratio(rate, celery["orders_per_second"])
+            lines.append(
+                f"| end-to-end ≥ {E2E_VS_CELERY} of the Celery peer, 1 worker, N={n} | "
+                f"{_f(ratio, 2)} ({_f(rate)} vs {_f(celery['orders_per_second'])} orders/s) | "
+                f"{_at_least(ratio, E2E_VS_CELERY)} |"
+            )
+        local_first = _find(e2e, name="bare_local_first", n=n)
+        if local_first:
+            ratio = _ratio(rate, local_first["orders_per_second"])
+            lines.append(
+                f"| end-to-end ≥ {E2E_VS_LOCAL_FIRST} of bare local-first, 1 worker, N={n} | "
+                f"{_f(ratio, 2)} ({_f(rate)} vs {_f(local_first['orders_per_second'])} "
+                f"orders/s) | {_at_least(ratio, E2E_VS_LOCAL_FIRST)} |"
+            )
+            cpu = _server_ratio(row, local_first)
+            lines.append(
+                f"| server CPU per order ≤ {SERVER_CPU_VS_LOCAL_FIRST}x bare local-first, "
+                f"N={n} | {_f(cpu, 2)}x ({_f(row['cpu_ms_per_order']['server'])} vs "
+                f"{_f(local_first['cpu_ms_per_order']['server'])} ms) | "
+                f"{_at_most(cpu, SERVER_CPU_VS_LOCAL_FIRST)} |"
+            )
+        worker = row["cpu_ms_per_order"].get("worker", float("nan"))
+        lines.append(
+            f"| worker CPU per order ≤ {WORKER_CPU_MS:.0f} ms, N={n} | {_f(worker)} ms | "
+            f"{_at_most(worker, WORKER_CPU_MS)} |"
+        )
+        dbos = _find(e2e, name="dbos_peer", n=n)
+        if dbos:
+            ratio = _ratio(rate, dbos["orders_per_second"])
+            lines.append(
+                f"| end-to-end ÷ DBOS peer, 1 worker, N={n} (reported) | {_f(ratio, 2)} "
+                f"({_f(rate)} vs {_f(dbos['orders_per_second'])} orders/s) | reported |"
+            )
+    return lines
+
+
+def _at_least(value: float, bound: float) -> str:
+    return _verdict(None if math.isnan(value) else value >= bound)
+
+
+def _at_most(value: float, bound: float) -> str:
+    return _verdict(None if math.isnan(value) else value <= bound)
+
+
 def _plots(results: dict[str, Any], out: Path) -> dict[str, str]:
     try:
         import matplotlib
@@ -405,9 +517,11 @@ def _plots(results: dict[str, Any], out: Path) -> dict[str, str]:
         fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
         for name, marker in (
             ("bare_workflow", "o"),
+            ("bare_local_first", "P"),
             ("orderflow_1w", "s"),
             ("orderflow_2w", "D"),
             ("celery_peer", "^"),
+            ("dbos_peer", "v"),
         ):
             rows = sorted((r for r in results["e2e"] if r["name"] == name), key=lambda r: r["n"])
             if not rows:

@@ -1,8 +1,9 @@
-"""The bench run: starts every process on loopback, runs the four measurements of issue 6 in one
-go on one Temporal dev server, and writes docs/benchmarks.md and its plots.
+"""The bench run: starts every process on loopback, runs the measurements in one go on one Temporal
+dev server (intake, end to end against the bare ceilings and the Celery and DBOS peers, parked
+orders), and writes docs/benchmarks.md and its plots.
 
-    python -m bench            # the full run (`make bench`), under ten minutes on 2 cores
-    python -m bench --quick    # a smoke run: small sizes, a minute or two
+    python -m bench            # the full run (`make bench`), 10-15 minutes on 2 cores
+    python -m bench --quick    # a smoke run: small sizes, three or four minutes
     python -m bench --database postgresql+asyncpg://postgres@127.0.0.1:5432/postgres
                                # each phase on a new database on that server, not a SQLite file
 """
@@ -29,7 +30,9 @@ import httpx
 import psutil
 
 from bench import profile, report
+from bench.bare import BARE_LOCAL_FIRST_WORKFLOW, BARE_WORKFLOW
 from bench.databases import Databases
+from bench.loadgen import WARMUP
 from bench.procs import (
     ROOT,
     Proc,
@@ -48,6 +51,8 @@ WARM = 5  # orders run through each stack before its measured burst
 CELERY_CONCURRENCY = 4
 PROFILES = ROOT / ".data" / "bench" / "profiles"
 POLL = 0.2
+# Where each bare workflow's event counts go in the results (the report's history table).
+HISTORY_KEYS = {"bare_workflow": "bare", "bare_local_first": "bare_local_first"}
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,7 @@ def machine() -> dict[str, Any]:
         "httpx",
         "celery",
         "redis",
+        "dbos",
         "aiosmtplib",
         "aiosmtpd",
     ):
@@ -348,6 +354,24 @@ class Bench:
         self.stack.stop(peer)
         self.redis_cmd("FLUSHALL")
 
+        db = self.fresh_db("dbos-intake")
+        system = self.databases.dbos_system(db)
+        # One process is the DBOS peer's API and its workflow runner: its workflows run beside
+        # these requests, as they would in production; there is no worker to leave out.
+        dbos, url = self.serve(
+            "dbos-api", "bench.dbos_peer.api:app", self.dbos_env(db, system, sinks)
+        )
+        started = 0
+        for c in (1, 16):
+            cpu = dbos.cpu_seconds()
+            result = self.loadgen(["http", url, *self.nc(n, c)])
+            result["api_cpu_ms_per_request"] = (dbos.cpu_seconds() - cpu) * 1000 / n
+            self.record_intake("dbos_peer", c, result, dbos)
+            started += WARMUP + result["count"]
+        # Its workflows finish before the next phase, which would otherwise share the cores.
+        self.wait_dbos(system, started)
+        self.stack.stop(dbos)
+
     @staticmethod
     def nc(count: int, concurrency: int) -> list[str]:
         return ["--count", str(count), "--concurrency", str(concurrency)]
@@ -377,9 +401,11 @@ class Bench:
     def e2e(self) -> None:
         print("== 2. end-to-end throughput", flush=True)
         for n in self.sizes.bursts:
-            self.bare_burst(n)
+            self.bare_burst(n, BARE_WORKFLOW, "bare_workflow")
+            self.bare_burst(n, BARE_LOCAL_FIRST_WORKFLOW, "bare_local_first")
             self.orderflow_burst(n, workers=1)
             self.peer_burst(n)
+            self.dbos_burst(n)
         self.orderflow_burst(self.sizes.two_worker_burst, workers=2)
 
     def start_worker(self, name: str, env: dict[str, str]) -> Proc:
@@ -394,28 +420,28 @@ class Bench:
     def cpu(self, procs: dict[str, list[Proc]]) -> dict[str, float]:
         return {name: sum(p.cpu_seconds() for p in group) for name, group in procs.items()}
 
-    def bare_burst(self, n: int) -> None:
-        queue = f"bare-{n}-{uuid.uuid4().hex[:6]}"
+    def bare_burst(self, n: int, workflow: str, name: str) -> None:
+        queue = f"{name}-{n}-{uuid.uuid4().hex[:6]}".replace("_", "-")
         env = self.env(self.databases.unused(), queue, self.sinks)
         worker = self.stack.start(
             "bare-worker", python("-m", "bench.bare", "--queue", queue), env=env
         )
         wait_idle(worker)
         # A few workflows first, so the sandbox's first import is not in the measured burst.
-        self.loadgen(["bare-burst", "--queue", queue, *self.nc(WARM, WARM)], env)
+        burst = ["bare-burst", "--queue", queue, "--workflow", workflow]
+        self.loadgen([*burst, *self.nc(WARM, WARM)], env)
         groups = {"server": [self.temporal], "worker": [worker]}
         wait_idle(self.temporal)
         before = self.cpu(groups)
-        result = self.loadgen(
-            ["bare-burst", "--queue", queue, *self.nc(n, 16), "--already", str(WARM)], env
-        )
+        result = self.loadgen([*burst, *self.nc(n, 16), "--already", str(WARM)], env)
         # The server finishes some of a burst's work after its last workflow closed (visibility
         # writes): counted here, not in the next burst's window.
         wait_idle(self.temporal)
         after = self.cpu(groups)
-        self.record_e2e("bare_workflow", n, 1, result["elapsed"], result, before, after, worker)
-        if "bare" not in self.results.history:
-            self.results.history["bare"] = self.loadgen(["history", "--queue", queue], env)
+        self.record_e2e(name, n, 1, result["elapsed"], result, before, after, worker)
+        history = HISTORY_KEYS[name]
+        if history not in self.results.history:
+            self.results.history[history] = self.loadgen(["history", "--queue", queue], env)
         self.stack.stop(worker)
 
     def orderflow_burst(self, n: int, *, workers: int) -> None:
@@ -516,6 +542,47 @@ class Bench:
         self.record_e2e("celery_peer", n, 1, elapsed, result, before, after, worker)
         self.stack.stop(api)
         self.stack.stop(worker)
+
+    def dbos_env(self, db: str, system: str, sinks: dict[str, Any]) -> dict[str, str]:
+        return self.env(db, "-", sinks, DBOS_SYSTEM_DATABASE_URL=system)
+
+    def dbos_burst(self, n: int) -> None:
+        db = self.fresh_db(f"dbos-{n}")
+        system = self.databases.dbos_system(db)
+        api, url = self.serve(
+            "dbos-api-e2e", "bench.dbos_peer.api:app", self.dbos_env(db, system, self.sinks)
+        )
+        wait_idle(api)
+        self.loadgen(["http", url, *self.nc(WARM, WARM), "--warmup", "0"])
+        self.wait_dbos(system, WARM)
+        # The one process is the whole peer: its intake, its workflows and, on SQLite, its
+        # database; on PostgreSQL the database server is in no column, as for every system.
+        groups = {"api": [api]}
+        before = self.cpu(groups)
+        result = self.loadgen(["http", url, *self.nc(n, 16), "--warmup", "0"])
+        done = self.wait_dbos(system, WARM + result["count"])
+        after = self.cpu(groups)
+        elapsed = (done - result["started_at"]) if done else float("nan")
+        self.record_e2e("dbos_peer", n, 1, elapsed, result, before, after, api)
+        self.stack.stop(api)
+
+    def wait_dbos(self, system: str, n: int) -> float | None:
+        """Until n of the DBOS peer's workflows succeeded, as its system database records them;
+        returns when the last one did."""
+        table = self.databases.dbos_table(system, "workflow_status")
+        deadline = time.monotonic() + self.sizes.phase_deadline
+        while time.monotonic() < deadline:
+            done = self.databases.scalar(
+                system, f"SELECT count(*) FROM {table} WHERE status = 'SUCCESS'"
+            )
+            if done >= n:
+                last = self.databases.scalar(
+                    system, f"SELECT max(completed_at) FROM {table} WHERE status = 'SUCCESS'"
+                )
+                return int(last) / 1000 if last is not None else time.time()
+            time.sleep(POLL)
+        self.results.notes.append("DBOS peer: not every order completed within the deadline")
+        return None
 
     def wait_peer(self, n: int) -> float | None:
         """Until both follow-ups of n orders ran; returns the time the last one finished."""
