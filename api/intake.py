@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
 from api.schemas import OrderIn
 from core.contracts import STEPS
@@ -27,7 +27,7 @@ from core.models import (
     WorkflowOutbox,
     utcnow,
 )
-from core.payments import GatewayUnavailable, PaymentGateway
+from core.payments import ChargeResult, GatewayUnavailable, InDatabaseGateway, PaymentGateway
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,30 @@ def _location(order_id: str) -> dict[str, str]:
     return {"Location": f"/orders/{order_id}"}
 
 
+def _accepted(order_id: str) -> dict[str, Any]:
+    return {"order_id": order_id, "workflow_id": order_id, "status": OrderStatus.PROCESSING}
+
+
+async def _insert_order(
+    connection: AsyncConnection, order_id: str, key: str, order: OrderIn, charge: ChargeResult
+) -> None:
+    """The order, its pending steps and its outbox entry, on the caller's transaction."""
+    await connection.execute(
+        INSERT_ORDER,
+        {
+            "id": order_id,
+            "idempotency_key": key,
+            "customer_email": order.customer_email,
+            "currency": order.currency,
+            "amount_cents": order.amount_cents,
+            "items": [item.model_dump() for item in order.items],
+            "charge_id": charge.charge_id,
+        },
+    )
+    await connection.execute(INSERT_STEP, [{"order_id": order_id, "step": step} for step in STEPS])
+    await connection.execute(INSERT_OUTBOX, {"order_id": order_id})
+
+
 class OrderIntake:
     def __init__(
         self,
@@ -82,10 +106,16 @@ class OrderIntake:
     ) -> None:
         self._sessions = sessions
         self._gateway = gateway
+        # Its charge can join the intake's transaction (see _place_at_once).
+        self._in_database = gateway if isinstance(gateway, InDatabaseGateway) else None
         self._lease = lease
 
     async def place(self, key: str, order: OrderIn) -> IntakeOutcome:
         fingerprint = request_fingerprint(order)
+        if self._in_database is not None:
+            placed = await self._place_at_once(self._in_database, key, fingerprint, order)
+            if placed is not None:
+                return placed
         claim = await self._claim(key, fingerprint)
         if isinstance(claim, IntakeOutcome):
             # A 422 is a key reused for another body, not a repeat of this request.
@@ -114,33 +144,65 @@ class OrderIntake:
             return IntakeOutcome(402, body, {})
 
         order_id = new_order_id()
-        body = {"order_id": order_id, "workflow_id": order_id, "status": OrderStatus.PROCESSING}
+        body = _accepted(order_id)
         try:
             async with self._sessions.begin() as session:
-                # Core statements, not the unit of work: this transaction is most of the CPU an
-                # intake costs, and it has nothing for the ORM to track.
                 connection = await session.connection()
-                await connection.execute(
-                    INSERT_ORDER,
-                    {
-                        "id": order_id,
-                        "idempotency_key": key,
-                        "customer_email": order.customer_email,
-                        "currency": order.currency,
-                        "amount_cents": order.amount_cents,
-                        "items": [item.model_dump() for item in order.items],
-                        "charge_id": charge.charge_id,
-                    },
-                )
-                await connection.execute(
-                    INSERT_STEP, [{"order_id": order_id, "step": step} for step in STEPS]
-                )
-                await connection.execute(INSERT_OUTBOX, {"order_id": order_id})
+                await _insert_order(connection, order_id, key, order, charge)
                 await self._mark_key_completed(session, key, 202, body, order_id)
         except IntegrityError:
             # Our lease ran out and a retry of this request took the key over and committed the
             # order first (orders.idempotency_key is unique): its order is the answer.
             return await self._answer_with_existing_order(key)
+        record_order_accepted()
+        return IntakeOutcome(202, body, _location(order_id), new_order_id=order_id)
+
+    async def _place_at_once(
+        self, gateway: InDatabaseGateway, key: str, fingerprint: str, order: OrderIn
+    ) -> IntakeOutcome | None:
+        """Charges, claims the key with its answer and commits the order in one transaction: one
+        BEGIN and COMMIT instead of three, and no key row is ever seen in flight. All or nothing:
+        when the key or its charge exists already (a repeat, a reuse with another body, a holder
+        mid-way, an order whose key row was lost) or the gateway is down, it rolls back and
+        answers None, and the caller takes the claim-charge-commit path, which then finds the
+        database as if this had never run. On PostgreSQL a concurrent duplicate's INSERT waits
+        on the unique index for this transaction and then fails; on SQLite BEGIN IMMEDIATE
+        queues it behind this one. Either way it never charges a second time."""
+        order_id = new_order_id()
+        try:
+            async with self._sessions.begin() as session:
+                # Core statements, not the unit of work: this transaction is most of the CPU an
+                # intake costs, and it has nothing for the ORM to track.
+                connection = await session.connection()
+                charge = await gateway.charge_within(
+                    connection, order.amount_cents, order.currency, order.payment_token, key
+                )
+                if charge.succeeded:
+                    status, body = 202, _accepted(order_id)
+                else:
+                    status, body = 402, {"detail": charge.decline_reason or "card declined"}
+                now = utcnow()
+                await connection.execute(
+                    INSERT_KEY,
+                    {
+                        "key": key,
+                        "request_hash": fingerprint,
+                        "state": KeyState.COMPLETED,
+                        "locked_until": now,
+                        "response_status": status,
+                        "response_body": body,
+                        "order_id": order_id if charge.succeeded else None,
+                        "created_at": now,
+                        "updated_at": now,
+                    },
+                )
+                if charge.succeeded:
+                    await _insert_order(connection, order_id, key, order, charge)
+        except (IntegrityError, GatewayUnavailable):
+            return None
+        if not charge.succeeded:
+            record_order_declined()
+            return IntakeOutcome(402, body, {})
         record_order_accepted()
         return IntakeOutcome(202, body, _location(order_id), new_order_id=order_id)
 
@@ -217,7 +279,7 @@ class OrderIntake:
             order_id = await session.scalar(select(Order.id).where(Order.idempotency_key == key))
             if order_id is None:
                 raise RuntimeError(f"order insert conflicted but no order has key {key!r}")
-            body = {"order_id": order_id, "workflow_id": order_id, "status": OrderStatus.PROCESSING}
+            body = _accepted(order_id)
             await self._mark_key_completed(session, key, 202, body, order_id)
         return IntakeOutcome(202, body, _location(order_id))
 
