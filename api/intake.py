@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
 from api.schemas import OrderIn
 from core.contracts import STEPS
@@ -105,6 +105,7 @@ class OrderIntake:
         lease: timedelta,
     ) -> None:
         self._sessions = sessions
+        self._engine: AsyncEngine = sessions.kw["bind"]
         self._gateway = gateway
         # Its charge can join the intake's transaction (see _place_at_once).
         self._in_database = gateway if isinstance(gateway, InDatabaseGateway) else None
@@ -170,10 +171,9 @@ class OrderIntake:
         queues it behind this one. Either way it never charges a second time."""
         order_id = new_order_id()
         try:
-            async with self._sessions.begin() as session:
-                # Core statements, not the unit of work: this transaction is most of the CPU an
-                # intake costs, and it has nothing for the ORM to track.
-                connection = await session.connection()
+            # Core statements on the engine's connection, not a session: this transaction is
+            # most of the CPU an intake costs, and it has nothing for the ORM to track.
+            async with self._engine.begin() as connection:
                 charge = await gateway.charge_within(
                     connection, order.amount_cents, order.currency, order.payment_token, key
                 )
