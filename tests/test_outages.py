@@ -26,11 +26,21 @@ from temporalio.worker import Worker
 from api.intake import OrderIntake
 from api.main import create_app
 from core.db import create_engine, create_sessionmaker
-from core.models import IdempotencyKey, KeyState, Order, PaymentCharge, WorkflowOutbox
+from core.models import (
+    DeadLetter,
+    DeadLetterStatus,
+    IdempotencyKey,
+    KeyState,
+    Order,
+    PaymentCharge,
+    Step,
+    WorkflowOutbox,
+)
 from core.outbox import run_sweeper
 from core.payments import ChargeResult, SandboxGateway
 from core.settings import Settings
 from devsinks.smtp import MailSink
+from tests.conftest import free_port
 from tests.support import count_rows, new_key, order_body, order_row, wait_until
 from tests.tcp_proxy import TcpProxy, tcp_proxy
 
@@ -282,3 +292,82 @@ async def test_the_sweeper_rides_out_a_database_outage(
                 stop.set()
                 await asyncio.wait_for(sweeper, 30)
                 await engine.dispose()
+
+
+# --- Temporal unreachable -----------------------------------------------------------------------
+
+
+async def open_dead_letter(sessions: Sessions) -> DeadLetter:
+    """An order parked on its warehouse step, written straight into the database."""
+    order = order_row("parked@example.com")
+    async with sessions.begin() as session:
+        session.add(order)
+        await session.flush()
+        letter = DeadLetter(
+            order_id=order.id,
+            step=Step.NOTIFY_WAREHOUSE,
+            error_type="WebhookRejected",
+            error_message="the warehouse said 500",
+            attempts=3,
+            workflow_id=order.id,
+            run_id="run",
+        )
+        session.add(letter)
+    return letter
+
+
+def nowhere() -> str:
+    """An address where no Temporal server listens."""
+    return f"127.0.0.1:{free_port()}"
+
+
+async def test_readyz_is_503_with_retry_after_when_temporal_is_unreachable(
+    settings: Settings,
+) -> None:
+    async with api_through(settings.model_copy(update={"TEMPORAL_ADDRESS": nowhere()})) as api:
+        response = await api.http.get("/readyz")
+    assert response.status_code == 503
+    assert int(response.headers["Retry-After"]) >= 1
+    body = response.json()
+    assert body["ready"] is False
+    assert body["checks"]["database"] == "ok"
+    assert body["checks"]["temporal"].startswith("unreachable")
+
+
+async def test_dead_letter_commands_are_503_when_temporal_is_unreachable(
+    settings: Settings, sessions: Sessions, caplog: pytest.LogCaptureFixture
+) -> None:
+    letter = await open_dead_letter(sessions)
+    unreachable = settings.model_copy(update={"TEMPORAL_ADDRESS": nowhere()})
+    with caplog.at_level(logging.INFO):
+        async with api_through(unreachable) as api:
+            retry = await api.http.post(f"/dead-letters/{letter.id}/retry")
+            discard = await api.http.post(
+                f"/dead-letters/{letter.id}/discard", json={"reason": "gone"}
+            )
+    for response in (retry, discard):
+        assert response.status_code == 503, response.text
+        assert int(response.headers["Retry-After"]) >= 1
+        assert response.json()["dependency"] == "temporal"
+    assert len(outage_lines(caplog, "temporal unavailable")) == 1
+    assert not [r for r in caplog.records if r.exc_info]
+    async with sessions() as session:
+        unchanged = await session.get(DeadLetter, letter.id)
+    assert unchanged is not None and unchanged.status == DeadLetterStatus.OPEN
+
+
+async def test_a_cut_temporal_link_is_503_not_a_missing_worker_504(
+    env: WorkflowEnvironment, settings: Settings, sessions: Sessions
+) -> None:
+    letter = await open_dead_letter(sessions)
+    host, _, port = env.client.service_client.config.target_host.rpartition(":")
+    async with tcp_proxy(host, int(port)) as proxy:
+        through = settings.model_copy(update={"TEMPORAL_ADDRESS": proxy.address})
+        async with api_through(through) as api:
+            assert (await api.http.get("/readyz")).status_code == 200
+            await proxy.cut()
+            retry = await api.http.post(f"/dead-letters/{letter.id}/retry")
+            ready = await api.http.get("/readyz")
+    assert retry.status_code == 503, retry.text
+    assert retry.json()["dependency"] == "temporal"
+    assert ready.status_code == 503
