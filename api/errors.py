@@ -8,6 +8,7 @@ from typing import Any
 import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy import exc as sa_exc
 from temporalio import client as temporal_client
 from temporalio.service import RPCError
@@ -37,28 +38,26 @@ _DESCRIPTIONS = {
     409: "Conflict with the resource's current state",
     413: "Request body too large",
     415: "The body must be application/json",
+    503: "A dependency is unavailable; retry after Retry-After seconds",
     504: "No worker confirmed the command in time; it may still be applied",
 }
 
 
-def answers(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """The OpenAPI `responses` of these error statuses, with their body models."""
+def answers(*codes: int, html: bool = False) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI `responses` of these error statuses, with their body models. On a route
+    whose own answer is HTML (`html`), FastAPI would file the models under text/html, so their
+    JSON is spelled out instead."""
     declared: dict[int | str, dict[str, Any]] = {}
     for code in codes:
-        if code == 503:
-            declared[503] = {
-                "model": Unavailable,
-                "description": "A dependency is unavailable; retry after Retry-After seconds",
-                "headers": RETRY_AFTER_HEADER,
-            }
-        elif code == 409:
-            declared[409] = {
-                "model": Problem,
-                "description": _DESCRIPTIONS[409],
-                "headers": RETRY_AFTER_HEADER,
-            }
+        model: type[BaseModel] = Unavailable if code == 503 else Problem
+        entry: dict[str, Any] = {"description": _DESCRIPTIONS[code]}
+        if html:
+            entry["content"] = {"application/json": {"schema": model.model_json_schema()}}
         else:
-            declared[code] = {"model": Problem, "description": _DESCRIPTIONS[code]}
+            entry["model"] = model
+        if code in (409, 503):
+            entry["headers"] = RETRY_AFTER_HEADER
+        declared[code] = entry
     return declared
 
 

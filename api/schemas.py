@@ -58,7 +58,25 @@ class OrderItemIn(BaseModel):
 
 
 class OrderIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "customer_email": "buyer@example.com",
+                    "currency": "EUR",
+                    "items": [{"sku": "BOOK-1", "quantity": 2, "unit_price_cents": 1250}],
+                    "payment_token": "tok_visa",
+                },
+                {
+                    "customer_email": "declined@example.com",
+                    "currency": "USD",
+                    "items": [{"sku": "PEN-9", "quantity": 1, "unit_price_cents": 199}],
+                    "payment_token": "tok_declined",
+                },
+            ]
+        },
+    )
 
     customer_email: Annotated[
         EmailStr, StringConstraints(max_length=254), AfterValidator(_storable)
@@ -152,7 +170,12 @@ class DeadLetterCommandAccepted(BaseModel):
 
 
 class DiscardIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"reason": "the warehouse cancelled the order", "actor": "ops"}]
+        },
+    )
 
     reason: Annotated[
         StorableStr, StringConstraints(min_length=1, max_length=2000, strip_whitespace=True)

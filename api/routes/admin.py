@@ -85,14 +85,15 @@ router = APIRouter(
     prefix="/admin",
     tags=["admin"],
     dependencies=[Depends(require_admin_login)],
-    responses=answers(401, 503),
 )
+# The pages answer HTML; their refusals and outages are JSON like the rest of the API.
+PAGE_ERRORS = answers(401, 503, html=True)
 SameOrigin = [Depends(require_same_origin)]
 DeadLetterId = Annotated[DbId, PathParam()]
 # Every action answers with a redirect back to a page, which shows the outcome as a flash.
 BACK_TO_PAGE: dict[int | str, dict[str, Any]] = {
     303: {"description": "Back to the page, which shows the outcome"},
-    **answers(400, 403, 413),
+    **answers(400, 401, 403, 413, 503),
 }
 
 
@@ -262,6 +263,7 @@ class Group:
     name="admin_index",
     summary="The review page: open dead letters by cause",
     response_class=HTMLResponse,
+    responses=PAGE_ERRORS,
 )
 async def index(request: Request, sessions: SessionsDep, settings: SettingsDep) -> Response:
     async with sessions() as session:
@@ -316,7 +318,10 @@ async def index(request: Request, sessions: SessionsDep, settings: SettingsDep) 
     summary="Find an order by its ID",
     status_code=303,
     response_class=RedirectResponse,
-    responses={303: {"description": "To the order's page, or back with a flash message"}},
+    responses={
+        303: {"description": "To the order's page, or back with a flash message"},
+        **answers(401, 503),
+    },
 )
 async def search(
     request: Request,
@@ -445,7 +450,10 @@ async def _workflow_view(client: Client, workflow_id: str) -> WorkflowView:
     name="admin_order",
     summary="One order's steps and history",
     response_class=HTMLResponse,
-    responses={404: {"description": "No such order", "content": {"text/html": {}}}},
+    responses={
+        404: {"description": "No such order", "content": {"text/html": {}}},
+        **PAGE_ERRORS,
+    },
 )
 async def order_page(
     request: Request,

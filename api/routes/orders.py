@@ -67,7 +67,9 @@ async def place_order(
     order: OrderIn,
     intake: IntakeDep,
     dispatcher: DispatcherDep,
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+    idempotency_key: Annotated[
+        str | None, Header(alias="Idempotency-Key", examples=["checkout-8f3a2c-attempt-1"])
+    ] = None,
 ) -> JSONResponse:
     """Charge the card, record the order and hand its follow-ups to a workflow."""
     outcome = await intake.place(_checked_key(idempotency_key), order)
