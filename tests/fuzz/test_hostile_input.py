@@ -242,7 +242,7 @@ async def test_non_ascii_idempotency_keys_are_a_400(http: httpx.AsyncClient, key
     response = await http.post(
         "/orders",
         content=json.dumps(order_body()).encode(),
-        headers={"Content-Type": "application/json", "Idempotency-Key": key},
+        headers={b"Content-Type": b"application/json", b"Idempotency-Key": key},
     )
     assert "Idempotency-Key" in assert_problem(response, 400)
 
