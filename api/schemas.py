@@ -30,8 +30,10 @@ def _storable(value: str) -> str:
     return value
 
 
-# Any client string that reaches the database (a body field, a path or query parameter).
-StorableStr = Annotated[str, AfterValidator(_storable)]
+# Any client string that reaches the database (a body field, a path or query parameter). Put
+# `Storable` after a type's own constraints: constraints after a validator lose their meaning.
+Storable = AfterValidator(_storable)
+StorableStr = Annotated[str, Storable]
 # IDs and offsets are 32-bit integers in the database; a larger one cannot name a row.
 MAX_DB_INT = 2**31 - 1
 DbId = Annotated[int, Field(ge=1, le=MAX_DB_INT)]
@@ -178,9 +180,9 @@ class DiscardIn(BaseModel):
     )
 
     reason: Annotated[
-        StorableStr, StringConstraints(min_length=1, max_length=2000, strip_whitespace=True)
+        str, StringConstraints(min_length=1, max_length=2000, strip_whitespace=True), Storable
     ]
-    actor: Annotated[StorableStr, StringConstraints(min_length=1, max_length=200)] = "operator"
+    actor: Annotated[str, StringConstraints(min_length=1, max_length=200), Storable] = "operator"
 
 
 class Problem(BaseModel):

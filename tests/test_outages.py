@@ -334,7 +334,7 @@ async def test_readyz_is_503_with_retry_after_when_temporal_is_unreachable(
     assert body["checks"]["temporal"].startswith("unreachable")
 
 
-async def test_dead_letter_commands_are_503_when_temporal_is_unreachable(
+async def test_dead_letter_commands_and_cancel_are_503_when_temporal_is_unreachable(
     settings: Settings, sessions: Sessions, caplog: pytest.LogCaptureFixture
 ) -> None:
     letter = await open_dead_letter(sessions)
@@ -345,7 +345,8 @@ async def test_dead_letter_commands_are_503_when_temporal_is_unreachable(
             discard = await api.http.post(
                 f"/dead-letters/{letter.id}/discard", json={"reason": "gone"}
             )
-    for response in (retry, discard):
+            cancel = await api.http.post(f"/orders/{letter.order_id}/cancel")
+    for response in (retry, discard, cancel):
         assert response.status_code == 503, response.text
         assert int(response.headers["Retry-After"]) >= 1
         assert response.json()["dependency"] == "temporal"
