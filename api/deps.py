@@ -21,23 +21,29 @@ from api.intake import OrderIntake
 from core.settings import Settings
 
 
-def get_settings(request: Request) -> Settings:
+def app_settings(request: Request) -> Settings:
     return cast(Settings, request.app.state.settings)
 
 
-def get_sessions(request: Request) -> async_sessionmaker[AsyncSession]:
+# The getters are `async def` although they never await: FastAPI runs a plain `def` dependency
+# in its thread pool, a round trip to a worker thread per dependency per request.
+async def get_settings(request: Request) -> Settings:
+    return app_settings(request)
+
+
+async def get_sessions(request: Request) -> async_sessionmaker[AsyncSession]:
     return cast(async_sessionmaker[AsyncSession], request.app.state.sessions)
 
 
-def get_temporal(request: Request) -> Client:
+async def get_temporal(request: Request) -> Client:
     return cast(Client, request.app.state.temporal)
 
 
-def get_intake(request: Request) -> OrderIntake:
+async def get_intake(request: Request) -> OrderIntake:
     return cast(OrderIntake, request.app.state.intake)
 
 
-def get_dispatcher(request: Request) -> WorkflowDispatcher:
+async def get_dispatcher(request: Request) -> WorkflowDispatcher:
     return cast(WorkflowDispatcher, request.app.state.dispatcher)
 
 
@@ -101,7 +107,7 @@ async def require_api_key(
     request: Request, _: Annotated[_Credentials, Security(_api_scheme)]
 ) -> None:
     """Guards the order endpoints with API_KEYS."""
-    _guard(request, get_settings(request).API_KEYS, admin=False)
+    _guard(request, app_settings(request).API_KEYS, admin=False)
 
 
 async def require_admin_key(
@@ -110,7 +116,7 @@ async def require_admin_key(
     """Guards the operator's JSON endpoints (dead letters) with ADMIN_API_KEYS, Bearer only: a
     browser resends Basic credentials by itself, so accepting them here would let any other site's
     form redrive or discard dead letters (the /admin pages, which take Basic, check the origin)."""
-    _guard(request, get_settings(request).ADMIN_API_KEYS, admin=False)
+    _guard(request, app_settings(request).ADMIN_API_KEYS, admin=False)
 
 
 async def require_admin_login(
@@ -118,7 +124,7 @@ async def require_admin_login(
 ) -> None:
     """Guards the /admin pages with ADMIN_API_KEYS; takes Bearer, or Basic with the key as the
     password so a browser shows a login prompt. Its POSTs must also pass the same-origin check."""
-    _guard(request, get_settings(request).ADMIN_API_KEYS, admin=True)
+    _guard(request, app_settings(request).ADMIN_API_KEYS, admin=True)
 
 
 # For a route parameter (`_: RequireAdminKey`) or, as `Depends(require_admin_key)`, a router's

@@ -3,6 +3,7 @@ commit the order with its outbox entry) and nothing else. Everything after goes 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import math
@@ -13,7 +14,7 @@ from typing import Any
 
 from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
 from api.schemas import OrderIn
 from core.contracts import STEPS
@@ -27,7 +28,14 @@ from core.models import (
     WorkflowOutbox,
     utcnow,
 )
-from core.payments import GatewayUnavailable, PaymentGateway
+from core.outages import (
+    DATABASE,
+    DATABASE_ERRORS,
+    RETRY_AFTER_SECONDS,
+    DependencyUnavailable,
+    is_database_outage,
+)
+from core.payments import ChargeResult, GatewayUnavailable, InDatabaseGateway, PaymentGateway
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,18 @@ COMPLETE_KEY = update(IdempotencyKey).where(IdempotencyKey.key == bindparam("hel
 # Claiming loops only when the key row vanishes between our INSERT and our read (a holder freed
 # it after a gateway outage); a handful of rounds covers any real interleaving.
 CLAIM_ROUNDS = 5
+# How long freeing a key may take after the database failed mid-request; past it the lease frees it.
+RELEASE_TIMEOUT_SECONDS = 2.0
+KEY_REUSED = {
+    # FastAPI's list shape, as every other 422 of the API.
+    "detail": [
+        {
+            "type": "idempotency_key_reused",
+            "loc": ["header", "Idempotency-Key"],
+            "msg": "Idempotency-Key was already used for a different request body",
+        }
+    ]
+}
 
 
 def request_fingerprint(order: OrderIn) -> str:
@@ -73,6 +93,30 @@ def _location(order_id: str) -> dict[str, str]:
     return {"Location": f"/orders/{order_id}"}
 
 
+def _accepted(order_id: str) -> dict[str, Any]:
+    return {"order_id": order_id, "workflow_id": order_id, "status": OrderStatus.PROCESSING}
+
+
+async def _insert_order(
+    connection: AsyncConnection, order_id: str, key: str, order: OrderIn, charge: ChargeResult
+) -> None:
+    """The order, its pending steps and its outbox entry, on the caller's transaction."""
+    await connection.execute(
+        INSERT_ORDER,
+        {
+            "id": order_id,
+            "idempotency_key": key,
+            "customer_email": order.customer_email,
+            "currency": order.currency,
+            "amount_cents": order.amount_cents,
+            "items": [item.model_dump() for item in order.items],
+            "charge_id": charge.charge_id,
+        },
+    )
+    await connection.execute(INSERT_STEP, [{"order_id": order_id, "step": step} for step in STEPS])
+    await connection.execute(INSERT_OUTBOX, {"order_id": order_id})
+
+
 class OrderIntake:
     def __init__(
         self,
@@ -81,11 +125,18 @@ class OrderIntake:
         lease: timedelta,
     ) -> None:
         self._sessions = sessions
+        self._engine: AsyncEngine = sessions.kw["bind"]
         self._gateway = gateway
+        # Its charge can join the intake's transaction (see _place_at_once).
+        self._in_database = gateway if isinstance(gateway, InDatabaseGateway) else None
         self._lease = lease
 
     async def place(self, key: str, order: OrderIn) -> IntakeOutcome:
         fingerprint = request_fingerprint(order)
+        if self._in_database is not None:
+            placed = await self._place_at_once(self._in_database, key, fingerprint, order)
+            if placed is not None:
+                return placed
         claim = await self._claim(key, fingerprint)
         if isinstance(claim, IntakeOutcome):
             # A 422 is a key reused for another body, not a repeat of this request.
@@ -103,9 +154,17 @@ class OrderIntake:
             await self._release(key, claim)
             return IntakeOutcome(
                 503,
-                {"detail": f"payment gateway unavailable, retry with the same key: {failure}"},
-                {"Retry-After": "1"},
+                {
+                    "detail": f"payment gateway unavailable, retry with the same key: {failure}",
+                    "dependency": "payment_gateway",
+                },
+                {"Retry-After": str(RETRY_AFTER_SECONDS)},
             )
+        except DATABASE_ERRORS as failure:
+            # The sandbox gateway keeps its charges in our database.
+            if not is_database_outage(failure):
+                raise
+            raise await self._unavailable(key, claim) from failure
 
         if not charge.succeeded:
             body = {"detail": charge.decline_reason or "card declined"}
@@ -114,33 +173,70 @@ class OrderIntake:
             return IntakeOutcome(402, body, {})
 
         order_id = new_order_id()
-        body = {"order_id": order_id, "workflow_id": order_id, "status": OrderStatus.PROCESSING}
+        body = _accepted(order_id)
         try:
             async with self._sessions.begin() as session:
-                # Core statements, not the unit of work: this transaction is most of the CPU an
-                # intake costs, and it has nothing for the ORM to track.
                 connection = await session.connection()
-                await connection.execute(
-                    INSERT_ORDER,
-                    {
-                        "id": order_id,
-                        "idempotency_key": key,
-                        "customer_email": order.customer_email,
-                        "currency": order.currency,
-                        "amount_cents": order.amount_cents,
-                        "items": [item.model_dump() for item in order.items],
-                        "charge_id": charge.charge_id,
-                    },
-                )
-                await connection.execute(
-                    INSERT_STEP, [{"order_id": order_id, "step": step} for step in STEPS]
-                )
-                await connection.execute(INSERT_OUTBOX, {"order_id": order_id})
+                await _insert_order(connection, order_id, key, order, charge)
                 await self._mark_key_completed(session, key, 202, body, order_id)
         except IntegrityError:
             # Our lease ran out and a retry of this request took the key over and committed the
             # order first (orders.idempotency_key is unique): its order is the answer.
             return await self._answer_with_existing_order(key)
+        except DATABASE_ERRORS as failure:
+            if not is_database_outage(failure):
+                raise
+            raise await self._unavailable(key, claim) from failure
+        record_order_accepted()
+        return IntakeOutcome(202, body, _location(order_id), new_order_id=order_id)
+
+    async def _place_at_once(
+        self, gateway: InDatabaseGateway, key: str, fingerprint: str, order: OrderIn
+    ) -> IntakeOutcome | None:
+        """Charges, claims the key with its answer and commits the order in one transaction: one
+        BEGIN and COMMIT instead of three, and no key row is ever seen in flight. All or nothing:
+        when the key or its charge exists already (a repeat, a reuse with another body, a holder
+        mid-way, an order whose key row was lost) or the gateway is down, it rolls back and
+        answers None, and the caller takes the claim-charge-commit path, which then finds the
+        database as if this had never run. On PostgreSQL a concurrent duplicate's INSERT waits
+        on the unique index for this transaction and then fails; on SQLite BEGIN IMMEDIATE
+        queues it behind this one. Either way it never charges a second time. A database that
+        fails mid-way leaves nothing behind either: there is no claim to free, the outage
+        handler answers 503, and the retry starts afresh."""
+        order_id = new_order_id()
+        try:
+            # Core statements on the engine's connection, not a session: this transaction is
+            # most of the CPU an intake costs, and it has nothing for the ORM to track.
+            async with self._engine.begin() as connection:
+                charge = await gateway.charge_within(
+                    connection, order.amount_cents, order.currency, order.payment_token, key
+                )
+                if charge.succeeded:
+                    status, body = 202, _accepted(order_id)
+                else:
+                    status, body = 402, {"detail": charge.decline_reason or "card declined"}
+                now = utcnow()
+                await connection.execute(
+                    INSERT_KEY,
+                    {
+                        "key": key,
+                        "request_hash": fingerprint,
+                        "state": KeyState.COMPLETED,
+                        "locked_until": now,
+                        "response_status": status,
+                        "response_body": body,
+                        "order_id": order_id if charge.succeeded else None,
+                        "created_at": now,
+                        "updated_at": now,
+                    },
+                )
+                if charge.succeeded:
+                    await _insert_order(connection, order_id, key, order, charge)
+        except (IntegrityError, GatewayUnavailable):
+            return None
+        if not charge.succeeded:
+            record_order_declined()
+            return IntakeOutcome(402, body, {})
         record_order_accepted()
         return IntakeOutcome(202, body, _location(order_id), new_order_id=order_id)
 
@@ -175,11 +271,7 @@ class OrderIntake:
                 if held is None:  # freed between our INSERT and this read: claim again
                     continue
                 if held.request_hash != fingerprint:
-                    return IntakeOutcome(
-                        422,
-                        {"detail": "Idempotency-Key was already used for a different request body"},
-                        {},
-                    )
+                    return IntakeOutcome(422, KEY_REUSED, {})
                 if held.state == KeyState.COMPLETED:
                     assert held.response_status is not None and held.response_body is not None
                     headers = _location(held.order_id) if held.order_id else {}
@@ -200,6 +292,26 @@ class OrderIntake:
                 return lease
         raise RuntimeError(f"could not claim idempotency key after {CLAIM_ROUNDS} rounds")
 
+    async def _unavailable(self, key: str, lease: Lease) -> DependencyUnavailable:
+        """What to raise when the database failed after this request claimed the key: the
+        order's transaction is all or nothing, so either it committed (a retry replays it) or
+        nothing of it did; the charge is keyed, so a retry replays it instead of charging again.
+        Only the claim is left to settle: freed now if the database answers, so a retry goes
+        straight through, else held until its lease runs out, which the Retry-After says."""
+        try:
+            async with asyncio.timeout(RELEASE_TIMEOUT_SECONDS):
+                await self._release(key, lease)
+            retry_after = RETRY_AFTER_SECONDS
+        except Exception:
+            retry_after = max(
+                RETRY_AFTER_SECONDS, math.ceil((lease.until - utcnow()).total_seconds())
+            )
+        return DependencyUnavailable(
+            DATABASE,
+            "the database is unavailable; retry with the same Idempotency-Key",
+            retry_after,
+        )
+
     async def _release(self, key: str, lease: Lease) -> None:
         async with self._sessions.begin() as session:
             await session.execute(
@@ -217,7 +329,7 @@ class OrderIntake:
             order_id = await session.scalar(select(Order.id).where(Order.idempotency_key == key))
             if order_id is None:
                 raise RuntimeError(f"order insert conflicted but no order has key {key!r}")
-            body = {"order_id": order_id, "workflow_id": order_id, "status": OrderStatus.PROCESSING}
+            body = _accepted(order_id)
             await self._mark_key_completed(session, key, 202, body, order_id)
         return IntakeOutcome(202, body, _location(order_id))
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
 from core.models import PaymentCharge
 
@@ -46,6 +46,26 @@ class PaymentGateway(Protocol):
     ) -> ChargeResult: ...
 
 
+@runtime_checkable
+class InDatabaseGateway(PaymentGateway, Protocol):
+    """A gateway whose ledger lives in orderflow's own database (the sandbox): its charge can be
+    written inside the caller's transaction, so that claiming the key, charging and committing
+    the order are one unit. A provider across the network cannot do that and takes the key
+    claim, `charge`, then the commit."""
+
+    async def charge_within(
+        self,
+        connection: AsyncConnection,
+        amount_cents: int,
+        currency: str,
+        token: str,
+        idempotency_key: str,
+    ) -> ChargeResult:
+        """Writes the charge on `connection` without committing; raises IntegrityError when this
+        key was charged before, GatewayUnavailable as `charge` does."""
+        ...
+
+
 # Built once: every charge runs it, and building a statement costs more than running it.
 INSERT_CHARGE = insert(PaymentCharge)
 
@@ -60,23 +80,11 @@ class SandboxGateway:
     async def charge(
         self, amount_cents: int, currency: str, token: str, idempotency_key: str
     ) -> ChargeResult:
-        if token == UNAVAILABLE_TOKEN:
-            raise GatewayUnavailable("sandbox gateway is down for this token")
-        decline = DECLINING_TOKENS.get(token)
-        charge = ChargeResult(f"ch_{uuid.uuid4().hex[:24]}", decline is None, decline)
+        charge = _decide(token)
         try:
             async with self._sessions.begin() as session:
-                connection = await session.connection()
-                await connection.execute(
-                    INSERT_CHARGE,
-                    {
-                        "id": charge.charge_id,
-                        "idempotency_key": idempotency_key,
-                        "amount_cents": amount_cents,
-                        "currency": currency,
-                        "succeeded": charge.succeeded,
-                        "decline_reason": charge.decline_reason,
-                    },
+                await _record(
+                    await session.connection(), charge, amount_cents, currency, idempotency_key
                 )
         except IntegrityError:
             # This key was charged before (a retry, or a concurrent twin): its result is ours.
@@ -84,6 +92,18 @@ class SandboxGateway:
             if raced is None:
                 raise
             return raced
+        return charge
+
+    async def charge_within(
+        self,
+        connection: AsyncConnection,
+        amount_cents: int,
+        currency: str,
+        token: str,
+        idempotency_key: str,
+    ) -> ChargeResult:
+        charge = _decide(token)
+        await _record(connection, charge, amount_cents, currency, idempotency_key)
         return charge
 
     async def _find(self, idempotency_key: str) -> ChargeResult | None:
@@ -94,3 +114,30 @@ class SandboxGateway:
         if row is None:
             return None
         return ChargeResult(row.id, row.succeeded, row.decline_reason)
+
+
+def _decide(token: str) -> ChargeResult:
+    if token == UNAVAILABLE_TOKEN:
+        raise GatewayUnavailable("sandbox gateway is down for this token")
+    decline = DECLINING_TOKENS.get(token)
+    return ChargeResult(f"ch_{uuid.uuid4().hex[:24]}", decline is None, decline)
+
+
+async def _record(
+    connection: AsyncConnection,
+    charge: ChargeResult,
+    amount_cents: int,
+    currency: str,
+    idempotency_key: str,
+) -> None:
+    await connection.execute(
+        INSERT_CHARGE,
+        {
+            "id": charge.charge_id,
+            "idempotency_key": idempotency_key,
+            "amount_cents": amount_cents,
+            "currency": currency,
+            "succeeded": charge.succeeded,
+            "decline_reason": charge.decline_reason,
+        },
+    )

@@ -32,7 +32,7 @@ from core.models import (
     PaymentCharge,
     utcnow,
 )
-from core.payments import SandboxGateway
+from core.payments import ChargeResult, InDatabaseGateway, SandboxGateway
 from core.settings import Settings
 from devsinks.smtp import MailSink
 from tests.conftest import ROOT, WEBHOOK_SECRET, free_port
@@ -47,9 +47,9 @@ KEYS_PER_RUN = 4
 REQUESTS_PER_KEY = 12
 
 
-def api_process_env(settings: Settings) -> dict[str, str]:
+def api_process_env(settings: Settings, **overrides: str) -> dict[str, str]:
     """What an operator would export for `uvicorn api.main:app`: the test's database, Temporal
-    server and task queue."""
+    server and task queue, and any `overrides`."""
     env = {
         **os.environ,
         "ORDERFLOW_ENV": "test",
@@ -63,11 +63,14 @@ def api_process_env(settings: Settings) -> dict[str, str]:
         "LOG_LEVEL": "WARNING",
     }
     env.pop("TEST_DATABASE_URL", None)
+    env.update(overrides)
     return env
 
 
 @asynccontextmanager
-async def api_processes(settings: Settings, count: int) -> AsyncIterator[list[str]]:
+async def api_processes(
+    settings: Settings, count: int, **overrides: str
+) -> AsyncIterator[list[str]]:
     """`count` API processes on free ports; yields their base URLs once each answers /healthz."""
     procs: list[tuple[asyncio.subprocess.Process, str]] = []
     try:
@@ -77,7 +80,7 @@ async def api_processes(settings: Settings, count: int) -> AsyncIterator[list[st
                 *(sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1"),
                 *("--port", str(port), "--log-level", "warning"),
                 cwd=ROOT,
-                env=api_process_env(settings),
+                env=api_process_env(settings, **overrides),
             )
             procs.append((proc, f"http://127.0.0.1:{port}"))
         async with httpx.AsyncClient(timeout=5) as probe:
@@ -257,6 +260,50 @@ async def test_an_order_whose_key_completion_was_lost_is_answered_from_the_order
             .where(PaymentCharge.idempotency_key == key)
         )
         assert charges == 1
+
+
+class NetworkGateway:
+    """The sandbox's charges behind `charge` alone, as a provider across the network offers
+    them: nothing can join the intake's transaction, so the intake claims the key first."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self._sandbox = SandboxGateway(sessions)
+
+    async def charge(
+        self, amount_cents: int, currency: str, token: str, idempotency_key: str
+    ) -> ChargeResult:
+        return await self._sandbox.charge(amount_cents, currency, token, idempotency_key)
+
+
+@pytest.mark.parametrize("gateway", ["in database", "across the network"])
+async def test_concurrent_duplicates_in_one_process_make_one_charge_and_one_order(
+    sessions: async_sessionmaker[AsyncSession], gateway: str
+) -> None:
+    charger = SandboxGateway(sessions) if gateway == "in database" else NetworkGateway(sessions)
+    assert isinstance(charger, InDatabaseGateway) == (gateway == "in database")
+    intake = OrderIntake(sessions, charger, lease=timedelta(seconds=30))
+    key, order = new_key(), OrderIn.model_validate(order_body())
+
+    outcomes = await asyncio.gather(*(intake.place(key, order) for _ in range(REQUESTS_PER_KEY)))
+
+    assert {outcome.status_code for outcome in outcomes} <= {202, 409}
+    created = [outcome.new_order_id for outcome in outcomes if outcome.new_order_id]
+    assert len(created) == 1
+    replayed = await intake.place(key, order)
+    assert replayed.status_code == 202 and replayed.new_order_id is None
+    assert replayed.body["order_id"] == created[0]
+    async with sessions() as session:
+        orders = await session.scalars(select(Order.id).where(Order.idempotency_key == key))
+        assert list(orders) == created
+        charges = await session.scalar(
+            select(func.count())
+            .select_from(PaymentCharge)
+            .where(PaymentCharge.idempotency_key == key)
+        )
+        assert charges == 1
+        held = await session.get(IdempotencyKey, key)
+        assert held is not None and held.state == KeyState.COMPLETED
+        assert held.order_id == created[0]
 
 
 def test_pool_settings_come_from_the_environment(
