@@ -19,7 +19,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import make_url, select
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
@@ -221,6 +221,70 @@ async def test_database_dying_mid_request_leaves_a_key_the_retry_can_settle(
             )
             assert again.status_code == 202, again.text
             # Waiting what the 503 said was enough: the first retry took the expired claim over.
+            assert before == [], before
+
+    assert await rows_for_key(sessions, key) == {
+        "orders": 1,
+        "charges": 1,
+        "key": KeyState.COMPLETED,
+    }
+    await wait_until(lambda: mail.to(body["customer_email"]), message="receipt sent")
+    assert len(mail.to(body["customer_email"])) == 1
+
+
+class CutInsideTheTransaction(SandboxGateway):
+    """The sandbox charging on the intake's one transaction, with the link to the database cut
+    right after the charge's INSERT, before the key and the order are written."""
+
+    def __init__(self, sessions: Sessions, proxy: TcpProxy) -> None:
+        super().__init__(sessions)
+        self._proxy = proxy
+        self.armed = True
+
+    async def charge_within(
+        self,
+        connection: AsyncConnection,
+        amount_cents: int,
+        currency: str,
+        token: str,
+        idempotency_key: str,
+    ) -> ChargeResult:
+        charge = await super().charge_within(
+            connection, amount_cents, currency, token, idempotency_key
+        )
+        if self.armed:
+            self.armed = False
+            await self._proxy.cut()
+        return charge
+
+
+@needs_postgres
+async def test_database_dying_inside_the_one_transaction_intake_leaves_nothing(
+    settings: Settings, sessions: Sessions, worker: Worker, mail: MailSink
+) -> None:
+    async with database_link(settings.DATABASE_URL) as (proxy, url):
+        through = settings.model_copy(update={"DATABASE_URL": url})
+        async with api_through(through) as api:
+            api.app.state.intake = OrderIntake(
+                api.app.state.sessions,
+                CutInsideTheTransaction(api.app.state.sessions, proxy),
+                lease=timedelta(seconds=through.IDEMPOTENCY_LEASE_SECONDS),
+            )
+            body, key = order_body(), new_key()
+
+            down = await post_order(api.http, body, key)
+
+            assert down.status_code == 503, down.text
+            assert down.json()["dependency"] == "database"
+            assert int(down.headers["Retry-After"]) == 1
+            # The charge was written on the transaction that died: nothing of it is left.
+            assert await rows_for_key(sessions, key) == {"orders": 0, "charges": 0, "key": None}
+
+            await proxy.restore()
+            again, before = await retry_until_answered(
+                api.http, body, key, first_wait=int(down.headers["Retry-After"])
+            )
+            assert again.status_code == 202, again.text
             assert before == [], before
 
     assert await rows_for_key(sessions, key) == {
