@@ -15,10 +15,13 @@ from datetime import timedelta
 from functools import partial
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import make_url, select
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
@@ -36,6 +39,7 @@ from core.models import (
     Step,
     WorkflowOutbox,
 )
+from core.outages import is_database_outage
 from core.outbox import run_sweeper
 from core.payments import ChargeResult, SandboxGateway
 from core.settings import Settings
@@ -436,3 +440,43 @@ async def test_a_cut_temporal_link_is_503_not_a_missing_worker_504(
     assert retry.status_code == 503, retry.text
     assert retry.json()["dependency"] == "temporal"
     assert ready.status_code == 503
+
+
+# --- what is not an outage ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "error",
+    [RuntimeError("a bug"), ValueError("a bug"), IntegrityError("INSERT", {}, Exception("dup"))],
+)
+async def test_a_bug_is_still_a_500(settings: Settings, error: Exception) -> None:
+    """The outage handlers answer 503 only for outages: anything else keeps its 500."""
+    app = create_app(settings)
+
+    async def broken() -> None:
+        raise error
+
+    app.add_api_route("/broken", broken)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://orderflow.test") as c:
+            response = await c.get("/broken")
+    assert response.status_code == 500
+
+
+@pytest.mark.parametrize(
+    ("error", "outage"),
+    [
+        (ConnectionRefusedError(111, "refused"), True),
+        (TimeoutError(), True),
+        (OperationalError("SELECT 1", {}, Exception("database is locked")), True),
+        (sa_exc.TimeoutError("QueuePool limit reached"), True),
+        (DBAPIError("SELECT 1", {}, asyncpg.TooManyConnectionsError("too many")), True),
+        (DBAPIError("SELECT 1", {}, Exception("x"), connection_invalidated=True), True),
+        (IntegrityError("INSERT", {}, Exception("duplicate key")), False),
+        (DBAPIError("SELECT 1", {}, ValueError("invalid byte sequence")), False),
+        (RuntimeError("a bug"), False),
+    ],
+)
+def test_what_counts_as_a_database_outage(error: Exception, outage: bool) -> None:
+    assert is_database_outage(error) is outage
