@@ -24,14 +24,16 @@ RETRY_AFTER_SECONDS = 1
 
 # What a database outage surfaces as: SQLAlchemy's wrappers of the driver's errors, its pool
 # timeout, and the driver's own errors where SQLAlchemy passes them through (asyncpg raises the
-# socket's OSError straight out of connect).
+# socket's OSError straight out of connect). The server's own "not now" answers count too: out of
+# connections or resources (53xxx), starting up or shutting down, a cancelled statement (57xxx).
 DATABASE_ERRORS: tuple[type[BaseException], ...] = (
     sa_exc.DBAPIError,
     sa_exc.TimeoutError,
     OSError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.OperatorInterventionError,
 )
 # Statuses with which Temporal says "not now" rather than "no".
 TEMPORAL_OUTAGE_STATUSES = frozenset({RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED})
@@ -59,7 +61,8 @@ def _chain(error: BaseException) -> Iterator[BaseException]:
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         yield current
-        current = current.__cause__ or current.__context__
+        # SQLAlchemy keeps the driver's error as `orig`, and raises from it.
+        current = getattr(current, "orig", None) or current.__cause__ or current.__context__
 
 
 def is_database_outage(error: BaseException) -> bool:

@@ -15,11 +15,14 @@ from datetime import timedelta
 from functools import partial
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import make_url, select
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
@@ -36,6 +39,7 @@ from core.models import (
     Step,
     WorkflowOutbox,
 )
+from core.outages import is_database_outage
 from core.outbox import run_sweeper
 from core.payments import ChargeResult, SandboxGateway
 from core.settings import Settings
@@ -232,6 +236,70 @@ async def test_database_dying_mid_request_leaves_a_key_the_retry_can_settle(
     assert len(mail.to(body["customer_email"])) == 1
 
 
+class CutInsideTheTransaction(SandboxGateway):
+    """The sandbox charging on the intake's one transaction, with the link to the database cut
+    right after the charge's INSERT, before the key and the order are written."""
+
+    def __init__(self, sessions: Sessions, proxy: TcpProxy) -> None:
+        super().__init__(sessions)
+        self._proxy = proxy
+        self.armed = True
+
+    async def charge_within(
+        self,
+        connection: AsyncConnection,
+        amount_cents: int,
+        currency: str,
+        token: str,
+        idempotency_key: str,
+    ) -> ChargeResult:
+        charge = await super().charge_within(
+            connection, amount_cents, currency, token, idempotency_key
+        )
+        if self.armed:
+            self.armed = False
+            await self._proxy.cut()
+        return charge
+
+
+@needs_postgres
+async def test_database_dying_inside_the_one_transaction_intake_leaves_nothing(
+    settings: Settings, sessions: Sessions, worker: Worker, mail: MailSink
+) -> None:
+    async with database_link(settings.DATABASE_URL) as (proxy, url):
+        through = settings.model_copy(update={"DATABASE_URL": url})
+        async with api_through(through) as api:
+            api.app.state.intake = OrderIntake(
+                api.app.state.sessions,
+                CutInsideTheTransaction(api.app.state.sessions, proxy),
+                lease=timedelta(seconds=through.IDEMPOTENCY_LEASE_SECONDS),
+            )
+            body, key = order_body(), new_key()
+
+            down = await post_order(api.http, body, key)
+
+            assert down.status_code == 503, down.text
+            assert down.json()["dependency"] == "database"
+            assert int(down.headers["Retry-After"]) == 1
+            # The charge was written on the transaction that died: nothing of it is left.
+            assert await rows_for_key(sessions, key) == {"orders": 0, "charges": 0, "key": None}
+
+            await proxy.restore()
+            again, before = await retry_until_answered(
+                api.http, body, key, first_wait=int(down.headers["Retry-After"])
+            )
+            assert again.status_code == 202, again.text
+            assert before == [], before
+
+    assert await rows_for_key(sessions, key) == {
+        "orders": 1,
+        "charges": 1,
+        "key": KeyState.COMPLETED,
+    }
+    await wait_until(lambda: mail.to(body["customer_email"]), message="receipt sent")
+    assert len(mail.to(body["customer_email"])) == 1
+
+
 @needs_postgres
 async def test_the_sweeper_rides_out_a_database_outage(
     env: WorkflowEnvironment,
@@ -372,3 +440,43 @@ async def test_a_cut_temporal_link_is_503_not_a_missing_worker_504(
     assert retry.status_code == 503, retry.text
     assert retry.json()["dependency"] == "temporal"
     assert ready.status_code == 503
+
+
+# --- what is not an outage ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "error",
+    [RuntimeError("a bug"), ValueError("a bug"), IntegrityError("INSERT", {}, Exception("dup"))],
+)
+async def test_a_bug_is_still_a_500(settings: Settings, error: Exception) -> None:
+    """The outage handlers answer 503 only for outages: anything else keeps its 500."""
+    app = create_app(settings)
+
+    async def broken() -> None:
+        raise error
+
+    app.add_api_route("/broken", broken)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://orderflow.test") as c:
+            response = await c.get("/broken")
+    assert response.status_code == 500
+
+
+@pytest.mark.parametrize(
+    ("error", "outage"),
+    [
+        (ConnectionRefusedError(111, "refused"), True),
+        (TimeoutError(), True),
+        (OperationalError("SELECT 1", {}, Exception("database is locked")), True),
+        (sa_exc.TimeoutError("QueuePool limit reached"), True),
+        (DBAPIError("SELECT 1", {}, asyncpg.TooManyConnectionsError("too many")), True),
+        (DBAPIError("SELECT 1", {}, Exception("x"), connection_invalidated=True), True),
+        (IntegrityError("INSERT", {}, Exception("duplicate key")), False),
+        (DBAPIError("SELECT 1", {}, ValueError("invalid byte sequence")), False),
+        (RuntimeError("a bug"), False),
+    ],
+)
+def test_what_counts_as_a_database_outage(error: Exception, outage: bool) -> None:
+    assert is_database_outage(error) is outage
