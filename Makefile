@@ -40,7 +40,8 @@ $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
 bench: $(VENV)/.installed-bench
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m bench $(BENCH_ARGS)
 
-lint: $(VENV)/.installed-test
+# mypy reads bench/ too, so the bench extra's packages (DBOS, Celery) must be there for their types.
+lint: $(VENV)/.installed-test $(VENV)/.installed-bench
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy .
