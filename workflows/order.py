@@ -1,7 +1,8 @@
 """OrderWorkflow: runs an order's follow-ups, parks a step that gives up as a dead letter, and
-waits for an operator to retry or discard it. Its workflow ID is the order ID."""
+waits for an operator to retry or discard it. Its workflow ID is the order ID.
 
-from __future__ import annotations
+No `from __future__ import annotations` here: the sandbox imports this module afresh for every
+workflow, and the SDK then reads its handlers' type hints, which costs more from strings."""
 
 import asyncio
 from collections.abc import Awaitable, Callable
