@@ -23,7 +23,7 @@ from temporalio.worker import (
 )
 
 from activities.retry import PERMANENT_ERROR_TYPES
-from core.contracts import STEPS
+from core.contracts import STEPS, StepInput
 from core.metrics import LATENCY_BUCKETS, SIDE_EFFECT_DURATION, STEP_ATTEMPTS
 
 log = logging.getLogger(__name__)
@@ -100,8 +100,17 @@ class StepMetricsInterceptor(Interceptor):
 
 class _StepMetricsInbound(ActivityInboundInterceptor):
     async def execute_activity(self, input: ExecuteActivityInput) -> Any:
-        activity_type = activity.info().activity_type
+        info = activity.info()
+        activity_type = info.activity_type
         if activity_type in STEPS:
+            # The step's attempt, not the activity's: a step whose first attempt ran locally
+            # counts that one too.
+            step_input = input.args[0] if input.args else None
+            attempt = (
+                step_input.attempt(info.attempt)
+                if isinstance(step_input, StepInput)
+                else info.attempt
+            )
             try:
                 result = await super().execute_activity(input)
             except Exception as failure:
@@ -112,11 +121,17 @@ class _StepMetricsInbound(ActivityInboundInterceptor):
                     "step attempt %s: %s",
                     outcome,
                     failure,
-                    extra={"outcome": outcome, "error_type": _error_type(failure)},
+                    extra={
+                        "outcome": outcome,
+                        "error_type": _error_type(failure),
+                        "attempt": attempt,
+                    },
                 )
                 raise
             record_step_attempt(activity_type, "succeeded")
-            activity.logger.info("step attempt succeeded", extra={"outcome": "succeeded"})
+            activity.logger.info(
+                "step attempt succeeded", extra={"outcome": "succeeded", "attempt": attempt}
+            )
             return result
         result = await super().execute_activity(input)
         if activity_type == RECORD_DEAD_LETTER and input.args:

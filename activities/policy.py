@@ -19,6 +19,7 @@ class PolicyActivities:
             attempt_timeout_seconds=settings.STEP_ATTEMPT_TIMEOUT_SECONDS,
             total_timeout_seconds=settings.STEP_TOTAL_TIMEOUT_SECONDS,
             park_timeout_seconds=settings.PARK_TIMEOUT_SECONDS,
+            first_attempt=settings.STEP_FIRST_ATTEMPT,
         )
 
     @activity.defn(name="load_step_policy")

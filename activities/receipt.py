@@ -18,7 +18,7 @@ from activities.checkpoint import (
     no_checkpoint,
 )
 from activities.metrics import side_effect_timer
-from activities.retry import Backoff, permanent
+from activities.retry import Backoff, permanent, step_attempt
 from core.contracts import StepInput, StepResult
 from core.ledger import begin_attempt, effect_key, record_failed_attempt, record_success
 from core.models import Order, Step, StepStatus
@@ -74,7 +74,7 @@ class ReceiptActivities:
 
     @activity.defn(name="send_receipt")
     async def send_receipt(self, input: StepInput) -> StepResult:
-        attempt = activity.info().attempt
+        attempt = step_attempt(input)
         order, step = await begin_attempt(self._sessions, input, STEP, attempt)
         if step.status == StepStatus.SUCCEEDED:
             return StepResult(input.order_id, STEP, "already_done")

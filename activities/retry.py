@@ -4,17 +4,38 @@
 from __future__ import annotations
 
 import random
+from contextvars import ContextVar
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 
+from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from core.contracts import StepInput
 from core.settings import Settings
 
 # Error types the workflow's RetryPolicy lists as non-retryable, so even an error raised without
 # the flag is never retried.
 PERMANENT_ERROR_TYPES = ("WarehouseRejected", "MailboxRejected", "OrderNotFound")
 MIN_RETRY_DELAY_SECONDS = 0.001
+
+
+_step_attempt: ContextVar[int] = ContextVar("step_attempt", default=0)
+
+
+def step_attempt(input: StepInput) -> int:
+    """The running attempt's number among all of its step's attempts: a step whose first attempt
+    ran as a local activity counts it, where activity.info().attempt counts activity tasks only.
+    Backoff, the ledger, logs and dead letters count this one."""
+    attempt = input.attempt(activity.info().attempt)
+    _step_attempt.set(attempt)
+    return attempt
+
+
+def current_step_attempt() -> int:
+    """What step_attempt said for the attempt running in this context (0 outside one), for code
+    that runs inside an attempt without its input, such as a test's checkpoint."""
+    return _step_attempt.get()
 
 
 class Backoff:

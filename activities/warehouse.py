@@ -17,7 +17,7 @@ from activities.checkpoint import (
     no_checkpoint,
 )
 from activities.metrics import side_effect_timer
-from activities.retry import Backoff, parse_retry_after, permanent
+from activities.retry import Backoff, parse_retry_after, permanent, step_attempt
 from core.contracts import StepInput, StepResult
 from core.ledger import begin_attempt, effect_key, record_failed_attempt, record_success
 from core.models import Order, Step, StepStatus
@@ -62,7 +62,7 @@ class WarehouseActivities:
 
     @activity.defn(name="notify_warehouse")
     async def notify_warehouse(self, input: StepInput) -> StepResult:
-        attempt = activity.info().attempt
+        attempt = step_attempt(input)
         order, step = await begin_attempt(self._sessions, input, STEP, attempt)
         if step.status == StepStatus.SUCCEEDED:
             return StepResult(input.order_id, STEP, "already_done")

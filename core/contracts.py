@@ -57,6 +57,11 @@ class StepPolicy:
     attempt_timeout_seconds: float
     total_timeout_seconds: float
     park_timeout_seconds: float
+    # "local": a step's first attempt runs as a local activity inside the workflow task, and only
+    # a failed one goes on as an activity task; "activity": every attempt is an activity task.
+    # The default is the shape histories recorded before the choice existed have, so that a
+    # policy decoded from one of them replays as it ran.
+    first_attempt: str = "activity"
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,13 @@ class StepInput:
     order_id: str
     # The dead letter this run is a redrive of, so its first attempt can mark it `retrying`.
     redrive_of: int | None = None
+    # Attempts the step already made before this activity's first one (its local first attempt),
+    # so that logs, metrics, backoff, the ledger and dead letters count the step's attempts.
+    attempt_offset: int = 0
+
+    def attempt(self, activity_attempt: int) -> int:
+        """The step's attempt number for the activity's own (1-based) attempt."""
+        return self.attempt_offset + activity_attempt
 
 
 @dataclass(frozen=True)

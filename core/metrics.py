@@ -69,6 +69,9 @@ TEMPORAL_SDK_METRICS = frozenset(
         "temporal_workflow_task_schedule_to_start_latency",
         "temporal_activity_execution_failed",
         "temporal_activity_execution_latency",
+        # A step's first attempt runs as a local activity (STEP_FIRST_ATTEMPT=local).
+        "temporal_local_activity_execution_failed",
+        "temporal_local_activity_execution_latency",
         "temporal_worker_task_slots_available",
     }
 )

@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     # The whole budget of one step across all its attempts (schedule_to_close_timeout).
     STEP_TOTAL_TIMEOUT_SECONDS: float = Field(default=900.0, gt=0)
     STEP_ATTEMPT_TIMEOUT_SECONDS: float = Field(default=30.0, gt=0)
+    # "local": each step's first attempt runs as a local activity inside the workflow's first
+    # workflow task, and only a failed one goes on as an activity task (with the rest of the
+    # attempts and the time budget); "activity": every attempt is an activity task.
+    STEP_FIRST_ATTEMPT: Literal["local", "activity"] = "local"
     # How long a workflow with a dead-lettered step waits for an operator before it closes.
     PARK_TIMEOUT_SECONDS: float = Field(default=14 * 24 * 3600.0, gt=0)
 

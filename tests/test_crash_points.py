@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,25 +126,38 @@ async def wait_for_workflow(client: Client, order_id: str) -> None:
 
 
 async def completed_attempts(client: Client, order_id: str) -> dict[str, list[tuple[int, str]]]:
-    """From the workflow's history: which attempt of each step completed, with what outcome."""
+    """From the workflow's history: which attempt of each step completed, with what outcome,
+    counting the step's attempts: a local first attempt is a marker, and the activity tasks after
+    it carry the attempts already made in their input."""
     history = await client.get_workflow_handle(order_id).fetch_history()
-    scheduled: dict[int, str] = {}
+    scheduled: dict[int, tuple[str, int]] = {}
     attempt_of: dict[int, int] = {}
     completed: dict[str, list[tuple[int, str]]] = {}
     for event in history.events:
         if event.HasField("activity_task_scheduled_event_attributes"):
             attributes = event.activity_task_scheduled_event_attributes
-            scheduled[event.event_id] = attributes.activity_type.name
+            offset = json.loads(attributes.input.payloads[0].data).get("attempt_offset", 0)
+            scheduled[event.event_id] = (attributes.activity_type.name, offset)
         elif event.HasField("activity_task_started_event_attributes"):
             started = event.activity_task_started_event_attributes
             attempt_of[started.scheduled_event_id] = started.attempt
         elif event.HasField("activity_task_completed_event_attributes"):
             done = event.activity_task_completed_event_attributes
-            step = scheduled[done.scheduled_event_id]
+            step, offset = scheduled[done.scheduled_event_id]
             if step in STEPS:
                 result = json.loads(done.result.payloads[0].data)
                 completed.setdefault(step, []).append(
-                    (attempt_of[done.scheduled_event_id], result["outcome"])
+                    (offset + attempt_of[done.scheduled_event_id], result["outcome"])
+                )
+        elif event.HasField("marker_recorded_event_attributes"):
+            marker = event.marker_recorded_event_attributes
+            if "result" not in marker.details:
+                continue  # a local attempt that failed
+            meta = json.loads(marker.details["data"].payloads[0].data)
+            if meta["activity_type"] in STEPS:
+                result = json.loads(marker.details["result"].payloads[0].data)
+                completed.setdefault(meta["activity_type"], []).append(
+                    (meta["attempt"], result["outcome"])
                 )
     return completed
 
@@ -177,11 +190,19 @@ def assert_once(step: str, point: str, seen: Seen) -> None:
     assert seen.outcomes[other] == [(1, "performed")]
 
 
+@pytest.fixture(params=["local", "activity"])
+def first_attempt(request: pytest.FixtureRequest) -> str:
+    """STEP_FIRST_ATTEMPT: the step's first attempt as a local activity inside the workflow
+    task, or as an activity task."""
+    return str(request.param)
+
+
 @pytest.mark.parametrize("point", CRASH_POINTS)
 @pytest.mark.parametrize("step", STEPS)
 async def test_attempt_failing_at_a_crash_point_leaves_one_effect(
     step: str,
     point: str,
+    first_attempt: str,
     settings: Settings,
     env: WorkflowEnvironment,
     sessions: async_sessionmaker[AsyncSession],
@@ -192,6 +213,7 @@ async def test_attempt_failing_at_a_crash_point_leaves_one_effect(
 ) -> None:
     checkpoint, interrupted = crash_once(step, point)
     body = order_body()
+    settings = settings.model_copy(update={"STEP_FIRST_ATTEMPT": first_attempt})
     async with running_worker(env.client, settings, sessions, checkpoint=checkpoint):
         order_id = await place_order(api, body)
         await wait_for_order_status(api, order_id, "completed")
@@ -200,7 +222,7 @@ async def test_attempt_failing_at_a_crash_point_leaves_one_effect(
     assert interrupted == [1]
     seen = await observe(env.client, order_id, body["customer_email"], mail, warehouse)
     with capsys.disabled():
-        print(f"\n[crash point] raise  {step}:{point}: {seen.line()}")
+        print(f"\n[crash point] {first_attempt} raise  {step}:{point}: {seen.line()}")
     assert_once(step, point, seen)
     row = await step_row(sessions, order_id, step)
     assert row.status == StepStatus.SUCCEEDED
@@ -221,9 +243,12 @@ def subprocess_env(settings: Settings, crash_at: str, marker: Path) -> dict[str,
 
 
 @pytest.fixture
-def kill_settings(settings: Settings) -> Settings:
-    # A killed worker's attempt is only retried when its start-to-close timeout runs out.
-    return settings.model_copy(update={"STEP_ATTEMPT_TIMEOUT_SECONDS": 3.0})
+def kill_settings(settings: Settings, first_attempt: str) -> Settings:
+    # A killed worker's activity task is only retried when its start-to-close timeout runs out
+    # (a killed local attempt, when its workflow task's timeout does).
+    return settings.model_copy(
+        update={"STEP_ATTEMPT_TIMEOUT_SECONDS": 3.0, "STEP_FIRST_ATTEMPT": first_attempt}
+    )
 
 
 @pytest.fixture
@@ -244,6 +269,7 @@ def marker(tmp_path: Path) -> Iterator[Path]:
 async def test_worker_killed_at_a_crash_point_leaves_one_effect(
     step: str,
     point: str,
+    first_attempt: str,
     kill_settings: Settings,
     env: WorkflowEnvironment,
     sessions: async_sessionmaker[AsyncSession],
@@ -252,6 +278,7 @@ async def test_worker_killed_at_a_crash_point_leaves_one_effect(
     marker: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    local = first_attempt == "local"
     doomed = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -261,10 +288,15 @@ async def test_worker_killed_at_a_crash_point_leaves_one_effect(
     )
     body = order_body()
     try:
-        async with (
-            workflow_worker(env.client, kill_settings, sessions),
-            api_client(kill_settings) as api,
-        ):
+        async with AsyncExitStack() as stack:
+            # Local-first, the attempt runs where the workflow task does: the doomed process is
+            # a whole worker and takes the first workflow task alone. Otherwise the workflow runs
+            # elsewhere the whole time, as it would on any surviving worker.
+            if not local:
+                await stack.enter_async_context(
+                    workflow_worker(env.client, kill_settings, sessions)
+                )
+            api = await stack.enter_async_context(api_client(kill_settings))
             order_id = await place_order(api, body)
             returncode = await asyncio.wait_for(doomed.wait(), timeout=60)
             assert returncode == -signal.SIGKILL
@@ -272,7 +304,12 @@ async def test_worker_killed_at_a_crash_point_leaves_one_effect(
 
             # The survivor stays until the workflow closes: after a crash past the ledger record
             # the order already reads completed while Temporal still retries the killed attempt.
-            async with activity_worker(env.client, kill_settings, sessions):
+            survivor = (
+                running_worker(env.client, kill_settings, sessions)
+                if local
+                else activity_worker(env.client, kill_settings, sessions)
+            )
+            async with survivor:
                 await wait_for_order_status(api, order_id, "completed")
                 await wait_for_workflow(env.client, order_id)
     finally:
@@ -282,7 +319,7 @@ async def test_worker_killed_at_a_crash_point_leaves_one_effect(
 
     seen = await observe(env.client, order_id, body["customer_email"], mail, warehouse)
     with capsys.disabled():
-        print(f"\n[crash point] SIGKILL {step}:{point}: {seen.line()}")
+        print(f"\n[crash point] {first_attempt} SIGKILL {step}:{point}: {seen.line()}")
     assert seen.distinct_message_ids == 1
     assert seen.accepted == 1
     repeats = REPEATS_EFFECT[point]
@@ -290,10 +327,23 @@ async def test_worker_killed_at_a_crash_point_leaves_one_effect(
         assert seen.raw_emails == (2 if repeats else 1)
     else:
         assert seen.deliveries == (2 if repeats else 1)
-    # The killed attempt timed out; a later attempt on the surviving worker completed the step.
     [(attempt, outcome)] = seen.outcomes[step]
-    assert attempt >= 2
     assert outcome == RETRY_OUTCOME[point]
+    if local:
+        # The workflow task died with the worker and timed out; the survivor ran the workflow
+        # task again, and with it the same first attempt.
+        assert attempt == 1
+        assert await workflow_task_timeouts(env.client, order_id) >= 1
+    else:
+        # The killed attempt timed out; a later attempt on the surviving worker completed it.
+        assert attempt >= 2
+
+
+async def workflow_task_timeouts(client: Client, order_id: str) -> int:
+    history = await client.get_workflow_handle(order_id).fetch_history()
+    return sum(
+        event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT for event in history.events
+    )
 
 
 async def _doomed_worker() -> None:
@@ -310,6 +360,10 @@ async def _doomed_worker() -> None:
     engine = create_engine(settings)
     client = await connect_temporal(settings)
     sessions = create_sessionmaker(engine)
+    if settings.STEP_FIRST_ATTEMPT == "local":
+        # The first attempt runs in the workflow task: this process must run the workflow.
+        async with running_worker(client, settings, sessions, checkpoint=checkpoint):
+            await asyncio.Event().wait()
     async with activity_worker(client, settings, sessions, checkpoint=checkpoint):
         await asyncio.Event().wait()
 

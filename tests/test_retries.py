@@ -210,15 +210,21 @@ async def first_delivery(warehouse: WarehouseReceiver, order_id: str) -> None:
 class AttemptClock:
     """A checkpoint that notes, in the server's time, when each attempt of notify_warehouse
     started (not when it was scheduled: the time-skipping server stamps a retry's scheduled time
-    when the previous attempt failed, before the backoff)."""
+    when the previous attempt failed, before the backoff). A local attempt's started_time is the
+    worker's clock, which the server's runs ahead of by what earlier tests skipped: `skew`."""
 
-    def __init__(self) -> None:
+    def __init__(self, skew: timedelta) -> None:
         self.started: list[datetime] = []
+        self._skew = skew
+
+    @classmethod
+    async def of(cls, environment: WorkflowEnvironment) -> AttemptClock:
+        return cls(await environment.get_current_time() - datetime.now(UTC))
 
     async def __call__(self, point: str) -> None:
         info = activity.info()
         if point == BEFORE_EFFECT and info.activity_type == "notify_warehouse":
-            self.started.append(info.started_time)
+            self.started.append(info.started_time + (self._skew if info.is_local else timedelta(0)))
 
     def gaps(self) -> list[float]:
         pairs = zip(self.started, self.started[1:], strict=False)
@@ -241,7 +247,7 @@ async def test_long_retry_after_on_the_time_skipping_server(
     # Jitter tops out at 0.05 s here, so the wait is the server's (or the cap's) to the second.
     slow = on(time_skipping, settings, RETRY_MAX_INTERVAL_SECONDS=300.0)
     warehouse.faults.configure(fail_next=1, status=429, retry_after=retry_after)
-    clock = AttemptClock()
+    clock = await AttemptClock.of(time_skipping)
 
     async with (
         running_worker(time_skipping.client, slow, sessions, checkpoint=clock),
@@ -274,7 +280,7 @@ async def test_step_is_dead_lettered_when_its_total_budget_runs_out(
         PARK_TIMEOUT_SECONDS=3600.0,
     )
     warehouse.faults.configure(fail_rate=1.0, status=503, retry_after="30")
-    clock = AttemptClock()
+    clock = await AttemptClock.of(time_skipping)
 
     async with (
         running_worker(time_skipping.client, budgeted, sessions, checkpoint=clock),

@@ -1,6 +1,10 @@
 """SIGTERM to a worker process: it stops taking work, lets the running activity finish within
 WORKER_GRACEFUL_SHUTDOWN_SECONDS, closes its sweeper and database cleanly and exits 0; nothing
-is lost, because what it did not finish another worker does."""
+is lost, because what it did not finish another worker does.
+
+The activity in flight is an activity task: every attempt is one here (STEP_FIRST_ATTEMPT=
+activity), since a local first attempt runs inside a workflow task, not as a task of its own
+that another worker could take over; a worker lost during one is tests/test_crash_points.py's."""
 
 from __future__ import annotations
 
@@ -55,6 +59,7 @@ async def test_sigterm_lets_the_running_activity_finish_and_stops_taking_work(
         tmp_path,
         STEP_ATTEMPT_TIMEOUT_SECONDS=30,
         WORKER_GRACEFUL_SHUTDOWN_SECONDS=20,
+        STEP_FIRST_ATTEMPT="activity",
     ) as workers:
         await wait_until_polling(workers)
         warehouse.faults.configure(latency_ms=3_000)
@@ -108,6 +113,7 @@ async def test_an_activity_longer_than_the_grace_period_is_retried_by_another_wo
         tmp_path,
         STEP_ATTEMPT_TIMEOUT_SECONDS=30,
         WORKER_GRACEFUL_SHUTDOWN_SECONDS=1,
+        STEP_FIRST_ATTEMPT="activity",
     ) as workers:
         await wait_until_polling(workers)
         warehouse.faults.configure(latency_ms=6_000)

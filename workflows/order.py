@@ -1,7 +1,8 @@
 """OrderWorkflow: runs an order's follow-ups, parks a step that gives up as a dead letter, and
-waits for an operator to retry or discard it. Its workflow ID is the order ID."""
+waits for an operator to retry or discard it. Its workflow ID is the order ID.
 
-from __future__ import annotations
+No `from __future__ import annotations` here: the sandbox imports this module afresh for every
+workflow, and the SDK then reads its handlers' type hints, which costs more from strings."""
 
 import asyncio
 from collections.abc import Awaitable, Callable
@@ -11,7 +12,7 @@ from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError, RetryState
+from temporalio.exceptions import ActivityError, ApplicationError, CancelledError, RetryState
 from temporalio.exceptions import TimeoutError as ActivityTimeoutError
 
 with workflow.unsafe.imports_passed_through():
@@ -55,6 +56,16 @@ BOOKKEEPING_RETRY = RetryPolicy(
     maximum_attempts=0,
 )
 BOOKKEEPING_TIMEOUT = timedelta(seconds=30)
+# How a step's attempt can fail, as it reaches the workflow: an activity task's failure is an
+# ActivityError; a local activity's is the ApplicationError itself, an ActivityError around a
+# timeout or, once the workflow is being cancelled, a bare cancellation.
+STEP_FAILURES = (
+    ActivityError,
+    ApplicationError,
+    ActivityTimeoutError,
+    CancelledError,
+    asyncio.CancelledError,
+)
 
 
 @workflow.defn(name="OrderWorkflow")
@@ -148,15 +159,8 @@ class OrderWorkflow:
             if await self._skipped_by_cancel(step):
                 return
             try:
-                result = await workflow.execute_activity_method(
-                    STEP_ACTIVITIES[step],
-                    StepInput(self._order_id, redrive_of),
-                    start_to_close_timeout=timedelta(seconds=policy.attempt_timeout_seconds),
-                    schedule_to_close_timeout=timedelta(seconds=policy.total_timeout_seconds),
-                    retry_policy=_step_retry_policy(policy),
-                    summary=f"{step} for order {self._order_id}",
-                )
-            except ActivityError as failure:
+                result = await self._attempts(step, StepInput(self._order_id, redrive_of), policy)
+            except STEP_FAILURES as failure:
                 dead_letter_id = await self._dead_letter(step, failure)
                 command = await self._wait_for_operator(step, dead_letter_id, policy)
                 if command is None:
@@ -185,6 +189,60 @@ class OrderWorkflow:
             self._set(step, status=StepStatus.SUCCEEDED, dead_letter_id=None, last_error=None)
             return
 
+    async def _attempts(self, step: str, input: StepInput, policy: StepPolicy) -> StepResult:
+        """Runs the step under its whole attempt and time budget; raises the last failure when it
+        gives up. Local-first, the first attempt runs as a local activity inside the workflow
+        task, so an order whose steps succeed at once needs no activity task at all; only a step
+        whose first attempt failed goes on as an activity task (visible in the Web UI as a pending
+        activity with its attempts and last failure), after the wait that failure asked for, with
+        the attempts and the time that remain."""
+        if policy.first_attempt != "local":
+            return await self._activity_attempts(step, input, policy, attempts_made=0)
+        started = workflow.now()
+        try:
+            return await workflow.execute_local_activity_method(
+                STEP_ACTIVITIES[step],
+                input,
+                start_to_close_timeout=timedelta(seconds=policy.attempt_timeout_seconds),
+                # One attempt: its retries are activity tasks, counted and shown as today's.
+                retry_policy=RetryPolicy(maximum_attempts=1),
+                summary=f"{step} for order {self._order_id}",
+            )
+        except STEP_FAILURES as failure:
+            if _permanent(failure) or policy.max_attempts == 1 or _cancelled(failure):
+                raise
+            budget = timedelta(seconds=policy.total_timeout_seconds)
+            wait = _retry_delay(failure, policy)
+            # As Temporal does: a retry that could not start within the budget is not made.
+            if workflow.now() - started + wait >= budget:
+                raise
+            await workflow.sleep(wait, summary=f"{step} backoff before attempt 2")
+            # The time the local attempt and the wait took come off the activity's budget.
+            spent = workflow.now() - started
+            if spent >= budget:
+                raise
+        return await self._activity_attempts(
+            step, replace(input, attempt_offset=1), policy, attempts_made=1, spent=spent
+        )
+
+    async def _activity_attempts(
+        self,
+        step: str,
+        input: StepInput,
+        policy: StepPolicy,
+        *,
+        attempts_made: int,
+        spent: timedelta = timedelta(0),
+    ) -> StepResult:
+        return await workflow.execute_activity_method(
+            STEP_ACTIVITIES[step],
+            input,
+            start_to_close_timeout=timedelta(seconds=policy.attempt_timeout_seconds),
+            schedule_to_close_timeout=timedelta(seconds=policy.total_timeout_seconds) - spent,
+            retry_policy=_step_retry_policy(policy, attempts_made),
+            summary=f"{step} for order {self._order_id}",
+        )
+
     async def _record_cancel(self) -> None:
         """Records a cancel once it arrives, so its effect on the database happens in the order
         the workflow saw the events."""
@@ -212,7 +270,7 @@ class OrderWorkflow:
         self._set(step, status=StepStatus.SKIPPED)
         return True
 
-    async def _dead_letter(self, step: str, failure: ActivityError) -> int:
+    async def _dead_letter(self, step: str, failure: BaseException) -> int:
         error_type, message = _describe(failure)
         occurrence = self._steps[step].occurrences + 1
         info = workflow.info()
@@ -224,7 +282,7 @@ class OrderWorkflow:
                 occurrence=occurrence,
                 error_type=error_type,
                 error_message=message,
-                permanent=failure.retry_state == RetryState.NON_RETRYABLE_FAILURE,
+                permanent=_permanent(failure),
                 workflow_id=info.workflow_id,
                 run_id=info.run_id,
             ),
@@ -313,22 +371,62 @@ class OrderWorkflow:
         return "\n".join(lines)
 
 
-def _step_retry_policy(policy: StepPolicy) -> RetryPolicy:
+def _step_retry_policy(policy: StepPolicy, attempts_made: int) -> RetryPolicy:
+    """The activity's retry policy for the attempts the step has left after `attempts_made`
+    (its local first attempt); the intervals continue from there, so a failure without its own
+    next_retry_delay waits what it would have waited had every attempt been an activity task."""
+    # maximum_attempts 0 means unlimited, which stays unlimited.
+    attempts = max(policy.max_attempts - attempts_made, 1) if policy.max_attempts else 0
+    initial = min(
+        policy.initial_interval_seconds * policy.backoff_coefficient**attempts_made,
+        policy.max_interval_seconds,
+    )
     return RetryPolicy(
-        initial_interval=timedelta(seconds=policy.initial_interval_seconds),
+        initial_interval=timedelta(seconds=initial),
         backoff_coefficient=policy.backoff_coefficient,
         maximum_interval=timedelta(seconds=policy.max_interval_seconds),
-        maximum_attempts=policy.max_attempts,
+        maximum_attempts=attempts,
         non_retryable_error_types=list(PERMANENT_ERROR_TYPES),
     )
 
 
-def _describe(failure: ActivityError) -> tuple[str, str]:
-    cause = failure.cause
+def _retry_delay(failure: BaseException, policy: StepPolicy) -> timedelta:
+    """The wait before attempt 2 after a failed local first attempt: the delay the activity asked
+    for (full jitter, or Retry-After), else the policy's first interval, as Temporal would."""
+    cause = _cause(failure)
+    if isinstance(cause, ApplicationError) and cause.next_retry_delay:
+        return cause.next_retry_delay
+    return timedelta(seconds=min(policy.initial_interval_seconds, policy.max_interval_seconds))
+
+
+def _cause(failure: BaseException) -> BaseException:
+    """What failed: an activity task's failure arrives as ActivityError wrapping it; a local
+    activity's as the ApplicationError itself, or ActivityError wrapping a timeout."""
+    if isinstance(failure, ActivityError) and failure.cause is not None:
+        return failure.cause
+    return failure
+
+
+def _permanent(failure: BaseException) -> bool:
+    if isinstance(failure, ActivityError) and (
+        failure.retry_state == RetryState.NON_RETRYABLE_FAILURE
+    ):
+        return True
+    # A local activity's failure carries no retry state: its error says whether it is final.
+    cause = _cause(failure)
+    return isinstance(cause, ApplicationError) and (
+        cause.non_retryable or cause.type in PERMANENT_ERROR_TYPES
+    )
+
+
+def _cancelled(failure: BaseException) -> bool:
+    return isinstance(_cause(failure), asyncio.CancelledError | CancelledError)
+
+
+def _describe(failure: BaseException) -> tuple[str, str]:
+    cause = _cause(failure)
     if isinstance(cause, ApplicationError):
         return cause.type or "ApplicationError", cause.message
     if isinstance(cause, ActivityTimeoutError):
         return f"Timeout.{cause.type.name if cause.type else 'UNKNOWN'}", str(cause)
-    if cause is not None:
-        return type(cause).__name__, str(cause)
-    return type(failure).__name__, str(failure)
+    return type(cause).__name__, str(cause)
