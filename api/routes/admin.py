@@ -15,7 +15,7 @@ import json
 import logging
 import re
 from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -27,6 +27,8 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import func, select
+from temporalio.api.enums.v1 import PendingActivityState
+from temporalio.api.workflow.v1 import PendingActivityInfo
 from temporalio.client import (
     Client,
     WorkflowExecutionDescription,
@@ -39,7 +41,7 @@ from api.deps import SessionsDep, SettingsDep, TemporalDep, require_admin_login
 from api.errors import answers
 from api.schemas import DbId, StorableStr
 from core import dead_letters
-from core.contracts import OrderWorkflowStatus
+from core.contracts import STEPS, OrderWorkflowStatus
 from core.dead_letters import (
     CommandRejected,
     CommandUnconfirmed,
@@ -409,10 +411,59 @@ def _timeline(
 
 
 @dataclass(frozen=True)
+class PausedStep:
+    """A step whose activity an operator paused (`temporal activity pause`). The ledger and the
+    status query cannot tell it from a step waiting for its next retry; only Temporal knows."""
+
+    activity_id: str
+    # The activity's own attempt (the step's is one more after a local first attempt).
+    attempt: int
+    # False while an attempt that was already running when the pause came is finishing.
+    settled: bool
+    since: datetime | None
+    by: str
+    reason: str
+    # The step's time budget keeps running while paused; an unpause after this instant makes
+    # at most one more attempt before the step is dead-lettered.
+    budget_ends: datetime | None
+
+
+@dataclass(frozen=True)
 class WorkflowView:
     status: OrderWorkflowStatus | None
     run_status: str | None
     problem: str | None
+    paused: dict[str, PausedStep] = field(default_factory=dict)
+
+
+def _paused_steps(described: WorkflowExecutionDescription) -> dict[str, PausedStep]:
+    """The steps whose pending activity is paused, read from the describe the page makes anyway."""
+    paused: dict[str, PausedStep] = {}
+    for pending in described.raw_description.pending_activities:
+        if pending.paused and pending.activity_type.name in STEPS:
+            paused[pending.activity_type.name] = _paused_step(pending)
+    return paused
+
+
+def _paused_step(pending: PendingActivityInfo) -> PausedStep:
+    info = pending.pause_info
+    who = info.manual if info.HasField("manual") else info.rule
+    return PausedStep(
+        activity_id=pending.activity_id,
+        attempt=pending.attempt,
+        settled=pending.state == PendingActivityState.PENDING_ACTIVITY_STATE_PAUSED,
+        since=_timestamp(info, "pause_time"),
+        by=who.identity,
+        reason=who.reason,
+        budget_ends=_timestamp(pending, "expiration_time"),
+    )
+
+
+def _timestamp(message: Any, name: str) -> datetime | None:
+    if not message.HasField(name):
+        return None
+    moment: datetime = getattr(message, name).ToDatetime(tzinfo=UTC)
+    return moment
 
 
 async def _workflow_view(client: Client, workflow_id: str) -> WorkflowView:
@@ -434,14 +485,17 @@ async def _workflow_view(client: Client, workflow_id: str) -> WorkflowView:
         return_exceptions=True,
     )
     run_status = None
-    if isinstance(described, WorkflowExecutionDescription) and described.status is not None:
-        run_status = described.status.name.lower()
+    paused: dict[str, PausedStep] = {}
+    if isinstance(described, WorkflowExecutionDescription):
+        if described.status is not None:
+            run_status = described.status.name.lower()
+        paused = _paused_steps(described)
     if isinstance(queried, OrderWorkflowStatus):
-        return WorkflowView(queried, run_status, None)
+        return WorkflowView(queried, run_status, None, paused)
     expected = (RPCError, WorkflowQueryFailedError, WorkflowQueryRejectedError, TimeoutError)
     if isinstance(queried, expected):
         problem = str(queried) or type(queried).__name__
-        return WorkflowView(None, run_status, f"status query unavailable: {problem}")
+        return WorkflowView(None, run_status, f"status query unavailable: {problem}", paused)
     raise queried
 
 
