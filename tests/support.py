@@ -1,11 +1,15 @@
-"""Helpers the tests share: waiting on a condition with a deadline, and building orders."""
+"""Helpers the tests share: waiting on a condition with a deadline, building orders, and parking
+orders as dead letters."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import httpx
@@ -13,7 +17,8 @@ from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client
 
-from core.models import Order
+from core.dead_letters import CommandRejected, DeadLetterOperator
+from core.models import DeadLetter, DeadLetterStatus, Order
 
 DEFAULT_DEADLINE_SECONDS = 20.0
 
@@ -112,3 +117,56 @@ def order_row(email: str, items: list[dict[str, Any]] | None = None) -> Order:
         items=items or [],
         charge_id=f"ch_{uuid.uuid4().hex[:12]}",
     )
+
+
+class Parker:
+    """Parks orders (the caller sets the fault first) and at the end discards whatever of theirs is
+    still open, so no dead letter outlives its test's worker to stall a later bulk retry."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], client: Client) -> None:
+        self.sessions = sessions
+        self.client = client
+        self.order_ids: list[str] = []
+
+    async def park(self, api: httpx.AsyncClient, body: dict[str, Any] | None = None) -> DeadLetter:
+        response = await api.post(
+            "/orders", json=body or order_body(), headers={"Idempotency-Key": new_key()}
+        )
+        assert response.status_code == 202, response.text
+        order_id = response.json()["order_id"]
+        self.order_ids.append(order_id)
+        letter: DeadLetter = await wait_until(
+            partial(letter_where, self.sessions, order_id, DeadLetterStatus.OPEN),
+            within=30,
+            message=f"{order_id} parked",
+        )
+        return letter
+
+    async def discard_leftovers(self) -> None:
+        operator = DeadLetterOperator(self.sessions, self.client)
+        for order_id in self.order_ids:
+            letter = await letter_where(self.sessions, order_id, DeadLetterStatus.OPEN)
+            if letter is not None:
+                with contextlib.suppress(CommandRejected):
+                    await operator.discard(letter.id, "left open by its test", "tests")
+
+
+@asynccontextmanager
+async def parking(
+    sessions: async_sessionmaker[AsyncSession], client: Client
+) -> AsyncIterator[Parker]:
+    parker = Parker(sessions, client)
+    try:
+        yield parker
+    finally:
+        await parker.discard_leftovers()
+
+
+async def letter_where(
+    sessions: async_sessionmaker[AsyncSession], order_id: str, status: str
+) -> DeadLetter | None:
+    async with sessions() as session:
+        letter: DeadLetter | None = await session.scalar(
+            select(DeadLetter).where(DeadLetter.order_id == order_id, DeadLetter.status == status)
+        )
+        return letter

@@ -16,51 +16,26 @@ from playwright.async_api import (
     Error,
     Page,
     ViewportSize,
-    async_playwright,
     expect,
 )
 from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from temporalio.testing import WorkflowEnvironment
-from temporalio.worker import Worker
 
 from api.main import create_app
 from core.models import DeadLetterStatus
 from core.settings import Settings
 from devsinks.smtp import MailSink
 from devsinks.warehouse import WarehouseReceiver
-from tests.conftest import ROOT, free_port
-from tests.support import order_body, unique_email, wait_until
-from tests.test_admin_page import Parker, letter_where, parking
+from tests.conftest import BROWSER_TEST, ROOT, free_port
+from tests.support import Parker, letter_where, order_body, unique_email, wait_until
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 LAPTOP = ViewportSize(width=1280, height=800)
 PHONE = ViewportSize(width=390, height=844)
 OUTPUT = ROOT / "test-output"
 FITS = """() => document.documentElement.scrollWidth <= window.innerWidth
     && [...document.querySelectorAll('.table-wrap')].every(w => w.scrollWidth <= w.clientWidth)"""
 
-pytestmark = pytest.mark.skipif(
-    not Path(CHROMIUM).exists(), reason="needs Debian chromium: apt-get install chromium"
-)
-
-
-@pytest.fixture(scope="module")
-async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as playwright:
-        launched = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield launched
-        await launched.close()
+pytestmark = BROWSER_TEST
 
 
 async def serve(settings: Settings) -> AsyncIterator[str]:
@@ -77,14 +52,6 @@ async def serve(settings: Settings) -> AsyncIterator[str]:
     finally:
         server.should_exit = True
         await serving
-
-
-@pytest.fixture
-async def parker(
-    env: WorkflowEnvironment, worker: Worker, sessions: async_sessionmaker[AsyncSession]
-) -> AsyncIterator[Parker]:
-    async with parking(sessions, env.client) as parking_lot:
-        yield parking_lot
 
 
 @pytest.fixture

@@ -4,93 +4,25 @@ Chromium): real worker, Temporal dev server, warehouse receiver and database."""
 from __future__ import annotations
 
 import base64
-import contextlib
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any
 
 import httpx
 import pytest
 from pydantic import SecretStr
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
-from temporalio.worker import Worker
 
 from core import dead_letters
 from core.db import create_engine, create_sessionmaker
-from core.dead_letters import CommandRejected, DeadLetterOperator
 from core.models import DeadLetter, DeadLetterStatus
 from core.settings import Settings
 from devsinks.warehouse import WarehouseReceiver
 from tests.conftest import api_client, running_worker
-from tests.support import new_key, order_body, wait_until
+from tests.support import Parker, letter_where, parking, wait_until
 
 SAME_ORIGIN = {"Origin": "http://orderflow.test"}
-
-
-class Parker:
-    """Parks orders (the caller sets the fault first) and at the end discards whatever of theirs is
-    still open, so no dead letter outlives its test's worker to stall a later bulk retry."""
-
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], client: Client) -> None:
-        self.sessions = sessions
-        self.client = client
-        self.order_ids: list[str] = []
-
-    async def park(self, api: httpx.AsyncClient, body: dict[str, Any] | None = None) -> DeadLetter:
-        response = await api.post(
-            "/orders", json=body or order_body(), headers={"Idempotency-Key": new_key()}
-        )
-        assert response.status_code == 202, response.text
-        order_id = response.json()["order_id"]
-        self.order_ids.append(order_id)
-        letter: DeadLetter = await wait_until(
-            partial(letter_where, self.sessions, order_id, DeadLetterStatus.OPEN),
-            within=30,
-            message=f"{order_id} parked",
-        )
-        return letter
-
-    async def discard_leftovers(self) -> None:
-        operator = DeadLetterOperator(self.sessions, self.client)
-        for order_id in self.order_ids:
-            letter = await letter_where(self.sessions, order_id, DeadLetterStatus.OPEN)
-            if letter is not None:
-                with contextlib.suppress(CommandRejected):
-                    await operator.discard(letter.id, "left open by its test", "tests")
-
-
-@asynccontextmanager
-async def parking(
-    sessions: async_sessionmaker[AsyncSession], client: Client
-) -> AsyncIterator[Parker]:
-    parker = Parker(sessions, client)
-    try:
-        yield parker
-    finally:
-        await parker.discard_leftovers()
-
-
-@pytest.fixture
-async def parker(
-    env: WorkflowEnvironment, worker: Worker, sessions: async_sessionmaker[AsyncSession]
-) -> AsyncIterator[Parker]:
-    async with parking(sessions, env.client) as parking_lot:
-        yield parking_lot
-
-
-async def letter_where(
-    sessions: async_sessionmaker[AsyncSession], order_id: str, status: str
-) -> DeadLetter | None:
-    async with sessions() as session:
-        letter: DeadLetter | None = await session.scalar(
-            select(DeadLetter).where(DeadLetter.order_id == order_id, DeadLetter.status == status)
-        )
-        return letter
 
 
 def flash_of(page: str) -> str:

@@ -361,7 +361,7 @@ class OrderWorkflow:
                 ]
                 continue
             lines += [
-                "Fix the cause, then retry: Workflow Actions → Send an Update → Update name "
+                "Fix the cause, then retry: More Actions → Send an Update → Update name "
                 f'`retry_step`, input `{{"step": "{name}"}}`',
                 f"(or `orderflow dlq retry {state.dead_letter_id}`, "
                 f"or `POST /dead-letters/{state.dead_letter_id}/retry`).",
