@@ -40,6 +40,8 @@ RETENTION_SCHEDULE_ID = "orderflow-retention"
 RETENTION_WORKFLOW = "RetentionWorkflow"
 # One run deletes at most this many batches per table; the next run takes the rest.
 MAX_BATCHES_PER_RUN = 100
+# Temporal's smallest catch-up window.
+MIN_CATCHUP_WINDOW = timedelta(seconds=10)
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,7 @@ async def purge_expired(
 
 
 def retention_schedule(settings: Settings, schedule_id: str, task_queue: str | None) -> Schedule:
+    interval = settings.RETENTION_INTERVAL_SECONDS
     return Schedule(
         action=ScheduleActionStartWorkflow(
             RETENTION_WORKFLOW,
@@ -150,13 +153,13 @@ def retention_schedule(settings: Settings, schedule_id: str, task_queue: str | N
             id=schedule_id,
             task_queue=task_queue or settings.TEMPORAL_TASK_QUEUE,
         ),
-        spec=ScheduleSpec(
-            intervals=[
-                ScheduleIntervalSpec(every=timedelta(seconds=settings.RETENTION_INTERVAL_SECONDS))
-            ]
+        spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=timedelta(seconds=interval))]),
+        # A run still going when the next is due makes that one pointless: skip it. Runs missed
+        # while Temporal was down are not made up one by one: the next run deletes it all.
+        policy=SchedulePolicy(
+            overlap=ScheduleOverlapPolicy.SKIP,
+            catchup_window=max(MIN_CATCHUP_WINDOW, timedelta(seconds=interval)),
         ),
-        # A run still going when the next is due makes that one pointless: skip it.
-        policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
     )
 
 

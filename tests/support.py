@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client
 
 from core.models import Order
+from core.payments import ChargeResult, SandboxGateway
 
 DEFAULT_DEADLINE_SECONDS = 20.0
 
@@ -112,3 +113,16 @@ def order_row(email: str, items: list[dict[str, Any]] | None = None) -> Order:
         items=items or [],
         charge_id=f"ch_{uuid.uuid4().hex[:12]}",
     )
+
+
+class NetworkGateway:
+    """The sandbox's charges behind `charge` alone, as a provider across the network offers
+    them: nothing can join the intake's transaction, so the intake claims the key first."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self._sandbox = SandboxGateway(sessions)
+
+    async def charge(
+        self, amount_cents: int, currency: str, token: str, idempotency_key: str
+    ) -> ChargeResult:
+        return await self._sandbox.charge(amount_cents, currency, token, idempotency_key)

@@ -18,13 +18,13 @@ from temporalio.testing import WorkflowEnvironment
 
 from api.intake import OrderIntake
 from api.schemas import OrderIn
-from core.db import create_engine, create_sessionmaker
+from core.db import create_engine, create_sessionmaker, is_sqlite
 from core.models import IdempotencyKey, KeyState, Order, PaymentCharge, WorkflowOutbox, utcnow
-from core.payments import ChargeResult, PaymentGateway, SandboxGateway
+from core.payments import PaymentGateway, SandboxGateway
 from core.retention import Purged, RetentionInput, ensure_retention_schedule, purge_expired
 from core.settings import Settings
 from tests.conftest import running_worker
-from tests.support import count_rows, new_key, order_body, wait_until
+from tests.support import NetworkGateway, count_rows, new_key, order_body, wait_until
 
 Sessions = async_sessionmaker[AsyncSession]
 TTL = timedelta(hours=24)
@@ -46,19 +46,6 @@ class Clock:
 
     def __call__(self) -> datetime:
         return self.now
-
-
-class NetworkGateway:
-    """The sandbox behind `charge` alone, as a provider across the network: the intake takes
-    the claim, charge, commit path."""
-
-    def __init__(self, sessions: Sessions) -> None:
-        self._sandbox = SandboxGateway(sessions)
-
-    async def charge(
-        self, amount_cents: int, currency: str, token: str, idempotency_key: str
-    ) -> ChargeResult:
-        return await self._sandbox.charge(amount_cents, currency, token, idempotency_key)
 
 
 @pytest.fixture
@@ -90,6 +77,30 @@ async def table_sizes(sessions: Sessions) -> dict[str, int]:
         "orders": await count_rows(sessions, Order),
         "payment_charges": await count_rows(sessions, PaymentCharge),
     }
+
+
+async def add_keys(
+    sessions: Sessions,
+    created_at: datetime,
+    count: int = 1,
+    *,
+    locked_until: datetime | None = None,
+    state: KeyState = KeyState.COMPLETED,
+) -> list[str]:
+    """Key rows as the intake leaves them, written straight in with the given age."""
+    keys = [new_key() for _ in range(count)]
+    async with sessions.begin() as session:
+        session.add_all(
+            IdempotencyKey(
+                key=key,
+                request_hash="0" * 64,
+                state=state,
+                locked_until=locked_until or created_at,
+                created_at=created_at,
+            )
+            for key in keys
+        )
+    return keys
 
 
 async def mark_started(sessions: Sessions, order_ids: list[str], at: datetime) -> None:
@@ -254,27 +265,12 @@ async def test_concurrent_cleanups_delete_each_row_once_and_keep_the_live_ones(
 ) -> None:
     now = utcnow()
     old, fresh = now - TTL - timedelta(minutes=1), now - timedelta(minutes=1)
-    async with own_sessions.begin() as session:
-        for created in [old] * 150 + [fresh] * 20:
-            session.add(
-                IdempotencyKey(
-                    key=new_key(),
-                    request_hash="0" * 64,
-                    state=KeyState.COMPLETED,
-                    locked_until=created,
-                    created_at=created,
-                )
-            )
-        # In flight with a live lease, though older than the TTL: its holder is still at work.
-        session.add(
-            IdempotencyKey(
-                key=new_key(),
-                request_hash="0" * 64,
-                state=KeyState.IN_FLIGHT,
-                locked_until=now + timedelta(seconds=30),
-                created_at=old,
-            )
-        )
+    await add_keys(own_sessions, old, 150)
+    await add_keys(own_sessions, fresh, 20)
+    # In flight with a live lease, though older than the TTL: its holder is still at work.
+    await add_keys(
+        own_sessions, old, state=KeyState.IN_FLIGHT, locked_until=now + timedelta(seconds=30)
+    )
 
     runs = await asyncio.gather(
         *(purge_expired(own_sessions, RETENTION, now=now) for _ in range(3))
@@ -289,18 +285,7 @@ async def test_a_cleanup_run_stops_after_its_batches_and_says_there_is_more(
     own_sessions: Sessions,
 ) -> None:
     now = utcnow()
-    async with own_sessions.begin() as session:
-        for _ in range(100):
-            created = now - TTL - timedelta(hours=1)
-            session.add(
-                IdempotencyKey(
-                    key=new_key(),
-                    request_hash="0" * 64,
-                    state=KeyState.COMPLETED,
-                    locked_until=created,
-                    created_at=created,
-                )
-            )
+    await add_keys(own_sessions, now - TTL - timedelta(hours=1), 100)
     small = RetentionInput(TTL.total_seconds(), OUTBOX_RETENTION.total_seconds(), 30, 2)
 
     first = await purge_expired(own_sessions, small, now=now)
@@ -321,18 +306,8 @@ async def test_the_schedule_is_created_once_and_its_run_cleans_up(
     handle = env.client.get_schedule_handle(schedule_id)
     try:
         now = utcnow()
-        expired, live = new_key(), new_key()
-        async with sessions.begin() as session:
-            for key, created in ((expired, now - TTL - timedelta(hours=1)), (live, now)):
-                session.add(
-                    IdempotencyKey(
-                        key=key,
-                        request_hash="0" * 64,
-                        state=KeyState.COMPLETED,
-                        locked_until=created,
-                        created_at=created,
-                    )
-                )
+        [expired] = await add_keys(sessions, now - TTL - timedelta(hours=1))
+        [live] = await add_keys(sessions, now)
         await ensure_retention_schedule(
             env.client, own, schedule_id=schedule_id, task_queue=own.TEMPORAL_TASK_QUEUE
         )
@@ -342,6 +317,7 @@ async def test_the_schedule_is_created_once_and_its_run_cleans_up(
         )
         described = await handle.describe()
         assert described.schedule.spec.intervals == [ScheduleIntervalSpec(every=timedelta(hours=1))]
+        assert described.schedule.policy.catchup_window == timedelta(hours=1)
 
         async with running_worker(env.client, own, sessions):
             await handle.trigger()
@@ -364,6 +340,36 @@ async def test_the_schedule_is_created_once_and_its_run_cleans_up(
             run_id = await wait_until(finished, message="the schedule's recorded action")
             result = await env.client.get_workflow_handle(str(run_id), result_type=Purged).result()
             assert result.idempotency_keys == 1
+
+        # An operator's pause survives the next worker start's update.
+        await handle.pause(note="paused by the operator")
+        await ensure_retention_schedule(
+            env.client, own, schedule_id=schedule_id, task_queue=own.TEMPORAL_TASK_QUEUE
+        )
+        state = (await handle.describe()).schedule.state
+        assert state.paused and state.note == "paused by the operator"
     finally:
         await handle.delete()
         await engine.dispose()
+
+
+async def test_a_key_being_taken_over_is_skipped_by_the_cleanup_not_waited_for(
+    own_sessions: Sessions, own_database: str
+) -> None:
+    """A request that holds an expired key's row lock is starting a new use of it: the cleanup
+    skips that row instead of waiting for it or deleting it under the request."""
+    if is_sqlite(own_database):
+        pytest.skip("PostgreSQL only: SQLite has no row locks, BEGIN IMMEDIATE serialises")
+    now = utcnow()
+    taken, idle = await add_keys(own_sessions, now - TTL - timedelta(hours=1), 2)
+    async with own_sessions.begin() as session:
+        held = await session.get(IdempotencyKey, taken, with_for_update=True)
+        assert held is not None
+        async with asyncio.timeout(10):
+            purged = await purge_expired(own_sessions, RETENTION, now=now)
+        held.created_at = now  # the new use begins
+
+    assert purged.idempotency_keys == 1
+    assert await count_rows(own_sessions, IdempotencyKey, IdempotencyKey.key == idle) == 0
+    assert await count_rows(own_sessions, IdempotencyKey, IdempotencyKey.key == taken) == 1
+    assert (await purge_expired(own_sessions, RETENTION, now=now)).idempotency_keys == 0
