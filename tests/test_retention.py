@@ -20,7 +20,7 @@ from api.intake import OrderIntake
 from api.schemas import OrderIn
 from core.db import create_engine, create_sessionmaker, is_sqlite
 from core.models import IdempotencyKey, KeyState, Order, PaymentCharge, WorkflowOutbox, utcnow
-from core.payments import PaymentGateway, SandboxGateway
+from core.payments import ChargeResult, GatewayUnavailable, PaymentGateway, SandboxGateway
 from core.retention import Purged, RetentionInput, ensure_retention_schedule, purge_expired
 from core.settings import Settings
 from tests.conftest import running_worker
@@ -258,6 +258,45 @@ async def test_concurrent_reuses_of_an_expired_key_charge_once(
     created = [outcome.new_order_id for outcome in outcomes if outcome.new_order_id]
     assert len(created) == 1
     assert await uses_of(own_sessions, key) == ([first.new_order_id, created[0]], 2)
+
+
+class LosesOneAnswer:
+    """Charges, then loses the answer once, as a gateway timeout does: the charge happened but
+    the intake cannot know it, frees the key and tells the client to retry."""
+
+    def __init__(self, sessions: Sessions) -> None:
+        self._sandbox = SandboxGateway(sessions)
+        self.lose_next = False
+
+    async def charge(
+        self, amount_cents: int, currency: str, token: str, idempotency_key: str
+    ) -> ChargeResult:
+        charged = await self._sandbox.charge(amount_cents, currency, token, idempotency_key)
+        if self.lose_next:
+            self.lose_next = False
+            raise GatewayUnavailable("the answer was lost")
+        return charged
+
+
+async def test_a_retry_of_a_reused_key_after_an_unknown_outcome_charges_once(
+    own_sessions: Sessions,
+) -> None:
+    clock = Clock(T0)
+    gateway = LosesOneAnswer(own_sessions)
+    intake = OrderIntake(own_sessions, gateway, timedelta(seconds=30), key_ttl=TTL, clock=clock)
+    key, order = new_key(), OrderIn.model_validate(order_body())
+    first = await intake.place(key, order)
+
+    clock.now = T0 + TTL + timedelta(minutes=1)
+    gateway.lose_next = True
+    lost = await intake.place(key, order)
+    assert lost.status_code == 503
+    # The retry presents the new use's charge key again, so the gateway replays that charge.
+    retried = await intake.place(key, order)
+
+    assert retried.status_code == 202 and retried.new_order_id
+    assert await uses_of(own_sessions, key) == ([first.new_order_id, retried.new_order_id], 2)
+    assert await count_rows(own_sessions, PaymentCharge) == 2
 
 
 async def test_concurrent_cleanups_delete_each_row_once_and_keep_the_live_ones(
