@@ -89,13 +89,14 @@ def _delete_batch(
     expired: ColumnElement[bool],
     batch: int,
 ) -> Delete:
-    """DELETE ... WHERE pk IN (the oldest `batch` expired rows). The condition is stated again on
-    the DELETE itself: on PostgreSQL a row that a request changed meanwhile (a key taken over for
-    a new use) is checked afresh, and kept."""
+    """DELETE ... WHERE pk IN (up to `batch` expired rows, found through the index on their
+    time; the DELETE then reaches each by its primary key). On PostgreSQL the rows are locked as
+    they are chosen: one a request holds (a key being taken over for a new use) is skipped, and
+    one a request changed just before is checked afresh against the condition by the lock."""
     chosen = select(column).where(expired).limit(batch)
     if session.get_bind().dialect.name != "sqlite":
         chosen = chosen.with_for_update(skip_locked=True)
-    return delete(model).where(column.in_(chosen.scalar_subquery()), expired)
+    return delete(model).where(column.in_(chosen.scalar_subquery()))
 
 
 async def _purge_table(
