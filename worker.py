@@ -1,5 +1,6 @@
 """The worker process: builds the clients the activities use, runs OrderWorkflow and its
-activities on the task queue, and sweeps the outbox for orders whose workflow never started.
+activities on the task queue, sweeps the outbox for orders whose workflow never started, and
+keeps the retention cleanup's Temporal Schedule up to date (RetentionWorkflow runs here too).
 
 Run it with `python worker.py`; it reads the same environment variables as the API."""
 
@@ -24,16 +25,19 @@ from activities.metrics import StepMetricsInterceptor, worker_runtime
 from activities.orders import OrderActivities
 from activities.policy import PolicyActivities
 from activities.receipt import Mailer, ReceiptActivities
+from activities.retention import RetentionActivities
 from activities.retry import Backoff
 from activities.smtp import SmtpMailer
 from activities.warehouse import WarehouseActivities
 from core.db import create_engine, create_sessionmaker
 from core.logging import configure_logging
 from core.outbox import run_configured_sweeper
+from core.retention import ensure_retention_schedule
 from core.settings import Settings, get_settings
 from core.temporal import connect_temporal
 from core.tracing import sandbox_runner, tracing_from_environment
 from workflows.order import OrderWorkflow
+from workflows.retention import RetentionWorkflow
 
 log = logging.getLogger("orderflow.worker")
 # Ample for the sweep in progress to finish normally; one stuck longer is cancelled.
@@ -60,6 +64,7 @@ def create_activities(
         dead_letters.discard_dead_letter,
         OrderActivities(sessions).cancel_order,
         policy.load_step_policy,
+        RetentionActivities(sessions).purge_expired,
     ]
 
 
@@ -73,7 +78,7 @@ def create_worker(
     return Worker(
         client,
         task_queue=task_queue or settings.TEMPORAL_TASK_QUEUE,
-        workflows=[OrderWorkflow],
+        workflows=[OrderWorkflow, RetentionWorkflow],
         activities=activities,
         max_concurrent_activities=settings.WORKER_MAX_CONCURRENT_ACTIVITIES,
         max_concurrent_workflow_tasks=settings.WORKER_MAX_CONCURRENT_WORKFLOW_TASKS,
@@ -106,6 +111,12 @@ async def run(settings: Settings) -> None:
         worker = create_worker(
             client, settings, create_activities(settings, sessions, http, mailer)
         )
+
+        try:
+            await ensure_retention_schedule(client, settings)
+        except Exception:
+            # Retention can wait; orders cannot. The next worker start tries again.
+            log.exception("could not create or update the retention schedule")
 
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -65,6 +65,7 @@ def create_app(settings: Settings | None = None, *, tracing: Tracing | None = No
             sessions,
             SandboxGateway(sessions),
             lease=timedelta(seconds=app_settings.IDEMPOTENCY_LEASE_SECONDS),
+            key_ttl=timedelta(seconds=app_settings.IDEMPOTENCY_KEY_TTL_SECONDS),
         )
         try:
             yield

@@ -118,8 +118,15 @@ class IdempotencyKey(Base):
     response_status: Mapped[int | None] = mapped_column(Integer)
     response_body: Mapped[dict[str, Any] | None]
     order_id: Mapped[str | None] = mapped_column(String(40))
+    # When this use of the key began: it replays its answer until IDEMPOTENCY_KEY_TTL_SECONDS
+    # after, then the key starts a new use (and the cleanup may delete the row).
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    # The key the charge and the order carry when it differs from `key`: a key used again after
+    # it expired (see api.intake); NULL means `key` itself.
+    charge_key: Mapped[str | None] = mapped_column(String(255))
+
+    __table_args__ = (Index("ix_idempotency_keys_created_at", "created_at"),)
 
 
 class PaymentCharge(Base):
@@ -153,7 +160,8 @@ class Order(Base):
 
 
 class WorkflowOutbox(Base):
-    """Committed with its order: "this order's workflow must be started". Cleared once started."""
+    """Committed with its order: "this order's workflow must be started". Marked once started,
+    and deleted by the retention cleanup OUTBOX_RETENTION_SECONDS after that."""
 
     __tablename__ = "workflow_outbox"
 
@@ -171,6 +179,13 @@ class WorkflowOutbox(Base):
             "created_at",
             sqlite_where=text("started_at IS NULL"),
             postgresql_where=text("started_at IS NULL"),
+        ),
+        # The retention cleanup's scan: started rows, oldest first.
+        Index(
+            "ix_workflow_outbox_started",
+            "started_at",
+            sqlite_where=text("started_at IS NOT NULL"),
+            postgresql_where=text("started_at IS NOT NULL"),
         ),
     )
 

@@ -66,6 +66,8 @@ class Settings(BaseSettings):
 
     # A request holding an idempotency key longer than this is presumed dead; another may take over.
     IDEMPOTENCY_LEASE_SECONDS: float = Field(default=30.0, gt=0)
+    # How long a key replays its first answer; a key seen again after this is a new request.
+    IDEMPOTENCY_KEY_TTL_SECONDS: float = Field(default=24 * 3600.0, gt=0)
     # How long the request path waits for Temporal before leaving the start to the sweeper.
     WORKFLOW_START_TIMEOUT_SECONDS: float = Field(default=2.0, gt=0)
     # "request": start the workflow before answering; "background": answer after the commit and
@@ -80,6 +82,11 @@ class Settings(BaseSettings):
     OUTBOX_GRACE_SECONDS: float = Field(default=5.0, ge=0)
     OUTBOX_SWEEP_INTERVAL_SECONDS: float = Field(default=2.0, gt=0)
     OUTBOX_SWEEP_BATCH: int = Field(default=100, ge=1)
+    # Started outbox rows are kept this long (for diagnosis) before the cleanup deletes them.
+    OUTBOX_RETENTION_SECONDS: float = Field(default=3600.0, ge=0)
+    # The cleanup's Temporal Schedule: how often it runs, and how many rows one DELETE takes.
+    RETENTION_INTERVAL_SECONDS: float = Field(default=600.0, gt=0)
+    RETENTION_BATCH: int = Field(default=1000, ge=1)
 
     WORKER_MAX_CONCURRENT_ACTIVITIES: int = Field(default=100, ge=1)
     WORKER_MAX_CONCURRENT_WORKFLOW_TASKS: int = Field(default=100, ge=1)

@@ -19,6 +19,7 @@ from temporalio.client import Client
 
 from core.dead_letters import CommandRejected, DeadLetterOperator
 from core.models import DeadLetter, DeadLetterStatus, Order
+from core.payments import ChargeResult, SandboxGateway
 
 DEFAULT_DEADLINE_SECONDS = 20.0
 
@@ -170,3 +171,16 @@ async def letter_where(
             select(DeadLetter).where(DeadLetter.order_id == order_id, DeadLetter.status == status)
         )
         return letter
+
+
+class NetworkGateway:
+    """The sandbox's charges behind `charge` alone, as a provider across the network offers
+    them: nothing can join the intake's transaction, so the intake claims the key first."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self._sandbox = SandboxGateway(sessions)
+
+    async def charge(
+        self, amount_cents: int, currency: str, token: str, idempotency_key: str
+    ) -> ChargeResult:
+        return await self._sandbox.charge(amount_cents, currency, token, idempotency_key)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from importlib import import_module
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -22,6 +23,7 @@ import yaml
 from sqlalchemy import make_url
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
+from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
 from temporalio.testing import WorkflowEnvironment
 
 from core.settings import Settings
@@ -262,32 +264,60 @@ def test_dockerfile_is_multi_stage_and_runs_as_a_non_root_user() -> None:
     assert {".venv", ".env", ".git"} <= set(ignored)
 
 
+async def _set_up_namespace(
+    env: WorkflowEnvironment, namespace: str, **extra: str
+) -> subprocess.CompletedProcess[str]:
+    binaries = Path(installed_binary("temporal")).parent
+    result = await asyncio.to_thread(
+        subprocess.run,
+        ["sh", str(ROOT / "deploy/temporal/setup-namespace.sh")],
+        env={
+            "PATH": f"{binaries}{os.pathsep}{os.environ['PATH']}",
+            "HOME": os.environ.get("HOME", "/tmp"),
+            "TEMPORAL_ADDRESS": env.client.service_client.config.target_host,
+            "TEMPORAL_NAMESPACE": namespace,
+            **extra,
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+async def _retention(env: WorkflowEnvironment, namespace: str) -> timedelta:
+    described = await env.client.workflow_service.describe_namespace(
+        DescribeNamespaceRequest(namespace=namespace)
+    )
+    return described.config.workflow_execution_retention_ttl.ToTimedelta()
+
+
 async def test_set_up_script_registers_order_status_on_a_real_server(
     env: WorkflowEnvironment,
 ) -> None:
     """deploy/temporal/setup-namespace.sh (compose service temporal-setup) against the session's
     dev server, with a namespace of its own: created, and OrderStatus registered as Keyword."""
     namespace = f"setup-{uuid.uuid4().hex[:10]}"
-    binaries = Path(installed_binary("temporal")).parent
     for _ in range(2):  # a second run (a restarted stack) must succeed too
-        result = await asyncio.to_thread(
-            subprocess.run,
-            ["sh", str(ROOT / "deploy/temporal/setup-namespace.sh")],
-            env={
-                "PATH": f"{binaries}{os.pathsep}{os.environ['PATH']}",
-                "HOME": os.environ.get("HOME", "/tmp"),
-                "TEMPORAL_ADDRESS": env.client.service_client.config.target_host,
-                "TEMPORAL_NAMESPACE": namespace,
-            },
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert result.returncode == 0, result.stdout + result.stderr
+        await _set_up_namespace(env, namespace)
+    assert await _retention(env, namespace) == timedelta(days=30), "the documented default"
     listed = await env.client.operator_service.list_search_attributes(
         ListSearchAttributesRequest(namespace=namespace)
     )
     assert listed.custom_attributes["OrderStatus"] == IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD
+
+
+async def test_set_up_script_sets_the_retention_of_a_namespace_that_exists(
+    env: WorkflowEnvironment,
+) -> None:
+    """A namespace created before (by hand, or by an earlier deploy with another retention) is
+    brought to TEMPORAL_NAMESPACE_RETENTION, not left as it was."""
+    namespace = f"setup-{uuid.uuid4().hex[:10]}"
+    await _set_up_namespace(env, namespace, TEMPORAL_NAMESPACE_RETENTION="3d")
+    assert await _retention(env, namespace) == timedelta(days=3)
+    await _set_up_namespace(env, namespace, TEMPORAL_NAMESPACE_RETENTION="45d")
+    assert await _retention(env, namespace) == timedelta(days=45)
 
 
 @pytest.fixture

@@ -32,11 +32,11 @@ from core.models import (
     PaymentCharge,
     utcnow,
 )
-from core.payments import ChargeResult, InDatabaseGateway, SandboxGateway
+from core.payments import InDatabaseGateway, SandboxGateway
 from core.settings import Settings
 from devsinks.smtp import MailSink
 from tests.conftest import ROOT, WEBHOOK_SECRET, free_port
-from tests.support import new_key, order_body, order_row, wait_until
+from tests.support import NetworkGateway, new_key, order_body, order_row, wait_until
 
 ON_POSTGRES = bool(os.environ.get("TEST_DATABASE_URL"))
 needs_postgres = pytest.mark.skipif(
@@ -260,19 +260,6 @@ async def test_an_order_whose_key_completion_was_lost_is_answered_from_the_order
             .where(PaymentCharge.idempotency_key == key)
         )
         assert charges == 1
-
-
-class NetworkGateway:
-    """The sandbox's charges behind `charge` alone, as a provider across the network offers
-    them: nothing can join the intake's transaction, so the intake claims the key first."""
-
-    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
-        self._sandbox = SandboxGateway(sessions)
-
-    async def charge(
-        self, amount_cents: int, currency: str, token: str, idempotency_key: str
-    ) -> ChargeResult:
-        return await self._sandbox.charge(amount_cents, currency, token, idempotency_key)
 
 
 @pytest.mark.parametrize("gateway", ["in database", "across the network"])

@@ -1,0 +1,34 @@
+"""RetentionWorkflow: one run of the retention cleanup, started by its Temporal Schedule."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+
+with workflow.unsafe.imports_passed_through():
+    from activities.retention import RetentionActivities
+    from core.retention import RETENTION_WORKFLOW, Purged, RetentionInput
+
+# Batches are short transactions; a run of MAX_BATCHES_PER_RUN of them fits well within this.
+PURGE_TIMEOUT = timedelta(minutes=5)
+# A database outage outlasts a few retries; the next scheduled run simply tries again.
+PURGE_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=5),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(minutes=1),
+    maximum_attempts=5,
+)
+
+
+@workflow.defn(name=RETENTION_WORKFLOW)
+class RetentionWorkflow:
+    @workflow.run
+    async def run(self, input: RetentionInput) -> Purged:
+        return await workflow.execute_activity_method(
+            RetentionActivities.purge_expired,
+            input,
+            start_to_close_timeout=PURGE_TIMEOUT,
+            retry_policy=PURGE_RETRY,
+        )
