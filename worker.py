@@ -26,7 +26,7 @@ from activities.orders import OrderActivities
 from activities.policy import PolicyActivities
 from activities.receipt import Mailer, ReceiptActivities
 from activities.retention import RetentionActivities
-from activities.retry import Backoff
+from activities.retry import Backoff, LedgerOutages
 from activities.smtp import SmtpMailer
 from activities.warehouse import WarehouseActivities
 from core.db import create_engine, create_sessionmaker
@@ -53,8 +53,14 @@ def create_activities(
     checkpoint: Checkpoint | None = None,
 ) -> list[Callable[..., Any]]:
     backoff = Backoff(settings)
-    receipts = ReceiptActivities(sessions, mailer, backoff, settings, checkpoint=checkpoint)
-    warehouse = WarehouseActivities(sessions, http, backoff, settings, checkpoint=checkpoint)
+    # One per process for both steps, so an outage burst is one warning, not one per step.
+    outages = LedgerOutages(backoff)
+    receipts = ReceiptActivities(
+        sessions, mailer, backoff, settings, outages=outages, checkpoint=checkpoint
+    )
+    warehouse = WarehouseActivities(
+        sessions, http, backoff, settings, outages=outages, checkpoint=checkpoint
+    )
     dead_letters = DeadLetterActivities(sessions)
     policy = PolicyActivities(settings)
     return [

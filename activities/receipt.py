@@ -18,7 +18,7 @@ from activities.checkpoint import (
     no_checkpoint,
 )
 from activities.metrics import side_effect_timer
-from activities.retry import Backoff, permanent, step_attempt
+from activities.retry import Backoff, LedgerOutages, permanent, step_attempt
 from core.contracts import StepInput, StepResult
 from core.ledger import begin_attempt, effect_key, record_failed_attempt, record_success
 from core.models import Order, Step, StepStatus
@@ -64,18 +64,21 @@ class ReceiptActivities:
         backoff: Backoff,
         settings: Settings,
         *,
+        outages: LedgerOutages | None = None,
         checkpoint: Checkpoint | None = None,
     ) -> None:
         self._sessions = sessions
         self._mailer = mailer
         self._backoff = backoff
+        self._outages = outages or LedgerOutages(backoff)
         self._sender = settings.RECEIPT_FROM
         self._checkpoint = checkpoint or no_checkpoint
 
     @activity.defn(name="send_receipt")
     async def send_receipt(self, input: StepInput) -> StepResult:
         attempt = step_attempt(input)
-        order, step = await begin_attempt(self._sessions, input, STEP, attempt)
+        with self._outages.guard(attempt, "reading the ledger"):
+            order, step = await begin_attempt(self._sessions, input, STEP, attempt)
         if step.status == StepStatus.SUCCEEDED:
             return StepResult(input.order_id, STEP, "already_done")
         message = build_receipt(order, self._sender)
@@ -87,37 +90,43 @@ class ReceiptActivities:
         except aiosmtplib.SMTPRecipientsRefused as refused:
             codes = [error.code for error in refused.recipients]
             error = f"recipient refused: {'; '.join(str(e) for e in refused.recipients)}"
-            await record_failed_attempt(self._sessions, input.order_id, STEP, attempt, error)
             if all(500 <= code < 600 for code in codes):
-                raise permanent(error, error_type="MailboxRejected") from refused
-            raise self._backoff.retryable(
-                error, error_type="MailboxBusy", attempt=attempt
-            ) from refused
+                failed = permanent(error, error_type="MailboxRejected")
+            else:
+                failed = self._backoff.retryable(error, error_type="MailboxBusy", attempt=attempt)
+            cause: Exception = refused
         except aiosmtplib.SMTPResponseException as response:
             error = f"SMTP {response.code}: {response.message}"
-            await record_failed_attempt(self._sessions, input.order_id, STEP, attempt, error)
             if 500 <= response.code < 600:
-                raise permanent(error, error_type="MailboxRejected") from response
-            raise self._backoff.retryable(
-                error, error_type="SmtpUnavailable", attempt=attempt
-            ) from response
+                failed = permanent(error, error_type="MailboxRejected")
+            else:
+                failed = self._backoff.retryable(
+                    error, error_type="SmtpUnavailable", attempt=attempt
+                )
+            cause = response
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as failure:
             error = f"SMTP unreachable: {type(failure).__name__}: {failure}"
-            await record_failed_attempt(self._sessions, input.order_id, STEP, attempt, error)
-            raise self._backoff.retryable(
-                error, error_type="SmtpUnavailable", attempt=attempt
-            ) from failure
+            failed = self._backoff.retryable(error, error_type="SmtpUnavailable", attempt=attempt)
+            cause = failure
+        else:
+            # Success is recorded only now that the sink has the message: a crash before this
+            # line sends it again on the retry, with the same Message-ID for the receiver to drop.
+            await self._checkpoint(AFTER_EFFECT)
+            with self._outages.guard(attempt, "recording the receipt sent"):
+                async with self._sessions.begin() as session:
+                    await record_success(
+                        session,
+                        input.order_id,
+                        STEP,
+                        attempt,
+                        {"message_id": message["Message-ID"]},
+                    )
+            await self._checkpoint(AFTER_RECORD)
+            return StepResult(input.order_id, STEP, "performed")
 
-        # Success is recorded only now that the sink has the message: a crash before this line
-        # sends it again on the retry, with the same Message-ID for the receiver to drop.
-        await self._checkpoint(AFTER_EFFECT)
-        async with self._sessions.begin() as session:
-            await record_success(
-                session,
-                input.order_id,
-                STEP,
-                attempt,
-                {"message_id": message["Message-ID"]},
-            )
-        await self._checkpoint(AFTER_RECORD)
-        return StepResult(input.order_id, STEP, "performed")
+        # Recorded outside the except clauses, so a database error here is not chained to the
+        # SMTP error (the outage classifier follows the chain, and an SMTP OSError is no outage).
+        # A failure that cannot be recorded is retried as the database's: nothing was sent.
+        with self._outages.guard(attempt, "recording a failed attempt", error):
+            await record_failed_attempt(self._sessions, input.order_id, STEP, attempt, error)
+        raise failed from cause

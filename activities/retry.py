@@ -3,22 +3,34 @@
 
 from __future__ import annotations
 
+import logging
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
 from core.contracts import StepInput
+from core.outages import DATABASE, OutageLog, is_database_outage
 from core.settings import Settings
 
 # Error types the workflow's RetryPolicy lists as non-retryable, so even an error raised without
 # the flag is never retried.
 PERMANENT_ERROR_TYPES = ("WarehouseRejected", "MailboxRejected", "OrderNotFound")
 MIN_RETRY_DELAY_SECONDS = 0.001
+# An attempt that could not reach our own database: retried, and never dead-lettered for it (the
+# workflow waits it out). Its details carry the step attempt number, so the workflow can go on
+# counting from there.
+DATABASE_UNAVAILABLE = "DatabaseUnavailable"
 
+
+LEDGER_OUTAGE_MEANWHILE = "step attempts wait for it, and no step is dead-lettered for it"
+
+log = logging.getLogger(__name__)
 
 _step_attempt: ContextVar[int] = ContextVar("step_attempt", default=0)
 
@@ -79,6 +91,40 @@ class Backoff:
             type=error_type,
             next_retry_delay=self.delay(attempt, retry_after),
         )
+
+
+class LedgerOutages:
+    """Turns our own database being unreachable during an attempt (the ledger read, or recording
+    its outcome) into a retryable DatabaseUnavailable with a backoff delay, logged once per burst:
+    the database being down is like the worker being down, not a failure of the downstream."""
+
+    def __init__(self, backoff: Backoff, outage: OutageLog | None = None) -> None:
+        self._backoff = backoff
+        self.outage = outage or OutageLog(DATABASE, log, meanwhile=LEDGER_OUTAGE_MEANWHILE)
+
+    @contextmanager
+    def guard(self, attempt: int, doing: str, outcome: str | None = None) -> Iterator[None]:
+        """Around one ledger call of the attempt; `outcome` is what the downstream said, kept in
+        the message (the retry asks the downstream again once the database answers)."""
+        try:
+            yield
+        except Exception as error:
+            if not is_database_outage(error):
+                raise
+            self.outage.failed(error)
+            message = f"database unavailable while {doing}: {type(error).__name__}: {error}"
+            if outcome:
+                message += f" (the downstream had answered: {outcome})"
+            raise ApplicationError(
+                message[:2000],
+                attempt,
+                type=DATABASE_UNAVAILABLE,
+                next_retry_delay=self._backoff.delay(attempt),
+                # Logged by the SDK at DEBUG, without a traceback per attempt: the burst's
+                # warning above says it once.
+                category=ApplicationErrorCategory.BENIGN,
+            ) from error
+        self.outage.succeeded()
 
 
 def permanent(message: str, *, error_type: str) -> ApplicationError:

@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio import activity
+from temporalio.exceptions import ApplicationError
 
 from activities.checkpoint import (
     AFTER_EFFECT,
@@ -17,7 +18,13 @@ from activities.checkpoint import (
     no_checkpoint,
 )
 from activities.metrics import side_effect_timer
-from activities.retry import Backoff, parse_retry_after, permanent, step_attempt
+from activities.retry import (
+    Backoff,
+    LedgerOutages,
+    parse_retry_after,
+    permanent,
+    step_attempt,
+)
 from core.contracts import StepInput, StepResult
 from core.ledger import begin_attempt, effect_key, record_failed_attempt, record_success
 from core.models import Order, Step, StepStatus
@@ -50,11 +57,13 @@ class WarehouseActivities:
         backoff: Backoff,
         settings: Settings,
         *,
+        outages: LedgerOutages | None = None,
         checkpoint: Checkpoint | None = None,
     ) -> None:
         self._sessions = sessions
         self._http = http
         self._backoff = backoff
+        self._outages = outages or LedgerOutages(backoff)
         self._url = settings.WAREHOUSE_WEBHOOK_URL
         self._secret = settings.webhook_secret
         self._timeout = settings.WEBHOOK_TIMEOUT_SECONDS
@@ -63,7 +72,8 @@ class WarehouseActivities:
     @activity.defn(name="notify_warehouse")
     async def notify_warehouse(self, input: StepInput) -> StepResult:
         attempt = step_attempt(input)
-        order, step = await begin_attempt(self._sessions, input, STEP, attempt)
+        with self._outages.guard(attempt, "reading the ledger"):
+            order, step = await begin_attempt(self._sessions, input, STEP, attempt)
         if step.status == StepStatus.SUCCEEDED:
             return StepResult(input.order_id, STEP, "already_done")
         if order.cancelled_at is not None:
@@ -84,32 +94,49 @@ class WarehouseActivities:
                 )
         except httpx.HTTPError as failure:
             error = f"warehouse unreachable: {type(failure).__name__}: {failure}"
-            await record_failed_attempt(self._sessions, input.order_id, STEP, attempt, error)
-            raise self._backoff.retryable(
+            failed = self._backoff.retryable(
                 error, error_type="WarehouseUnavailable", attempt=attempt
-            ) from failure
+            )
+            # Recorded outside the except clause, so a database error here is not chained to
+            # the HTTP error, which the outage classifier would follow.
+            unreachable: httpx.HTTPError | None = failure
+        else:
+            unreachable = None
+            if response.is_success:
+                # Success is recorded only now that the warehouse has it: a crash before this
+                # line delivers again on the retry, with the same Idempotency-Key to drop.
+                await self._checkpoint(AFTER_EFFECT)
+                with self._outages.guard(attempt, "recording the delivery"):
+                    async with self._sessions.begin() as session:
+                        await record_success(
+                            session,
+                            input.order_id,
+                            STEP,
+                            attempt,
+                            {"http_status": response.status_code},
+                        )
+                await self._checkpoint(AFTER_RECORD)
+                return StepResult(input.order_id, STEP, "performed")
+            error = f"warehouse answered {response.status_code}: {response.text[:200]}"
+            failed = self._failure(response, error, attempt)
 
-        if response.is_success:
-            # Success is recorded only now that the warehouse has it: a crash before this line
-            # delivers again on the retry, with the same Idempotency-Key for the warehouse to drop.
-            await self._checkpoint(AFTER_EFFECT)
-            async with self._sessions.begin() as session:
-                await record_success(
-                    session, input.order_id, STEP, attempt, {"http_status": response.status_code}
-                )
-            await self._checkpoint(AFTER_RECORD)
-            return StepResult(input.order_id, STEP, "performed")
+        # A failure that cannot be recorded is retried as the database's: the warehouse did not
+        # take the order, and the retry asks it again (a rejection is dead-lettered then).
+        with self._outages.guard(attempt, "recording a failed attempt", error):
+            await record_failed_attempt(self._sessions, input.order_id, STEP, attempt, error)
+        if unreachable is not None:
+            raise failed from unreachable
+        raise failed
 
-        error = f"warehouse answered {response.status_code}: {response.text[:200]}"
-        await record_failed_attempt(self._sessions, input.order_id, STEP, attempt, error)
+    def _failure(self, response: httpx.Response, error: str, attempt: int) -> ApplicationError:
         status = response.status_code
         if 400 <= status < 500 and status not in RETRYABLE_CLIENT_ERRORS:
-            raise permanent(error, error_type="WarehouseRejected")
+            return permanent(error, error_type="WarehouseRejected")
         retry_after = (
             parse_retry_after(response.headers.get("Retry-After"))
             if status in RETRY_AFTER_STATUSES
             else None
         )
-        raise self._backoff.retryable(
+        return self._backoff.retryable(
             error, error_type="WarehouseUnavailable", attempt=attempt, retry_after=retry_after
         )

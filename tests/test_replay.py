@@ -3,7 +3,12 @@ replay with the code as it is now (temporalio's Replayer raises on any nondeterm
 
 tests/histories/*_before_local_first.json were recorded with every step attempt an activity task
 (before STEP_FIRST_ATTEMPT existed): their policy lacks `first_attempt`, and must decode to the
-shape they ran with."""
+shape they ran with.
+
+order_dead_lettered_a_database_outage_before_ride_out.json was recorded by a worker whose
+activities already raised DatabaseUnavailable but whose workflow still dead-lettered it (a mixed
+fleet mid-deploy): without the workflow.patched guard it would replay as a ride-out and fail.
+order_rode_out_a_database_outage.json rode one out: its steps were waited out and run again."""
 
 from __future__ import annotations
 

@@ -12,7 +12,13 @@ from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError, CancelledError, RetryState
+from temporalio.exceptions import (
+    ActivityError,
+    ApplicationError,
+    CancelledError,
+    RetryState,
+    TimeoutType,
+)
 from temporalio.exceptions import TimeoutError as ActivityTimeoutError
 
 with workflow.unsafe.imports_passed_through():
@@ -20,7 +26,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.orders import CANCELLABLE_STEPS, CANCELLED, OrderActivities
     from activities.policy import PolicyActivities
     from activities.receipt import ReceiptActivities
-    from activities.retry import PERMANENT_ERROR_TYPES
+    from activities.retry import DATABASE_UNAVAILABLE, PERMANENT_ERROR_TYPES
     from activities.warehouse import WarehouseActivities
     from core.contracts import (
         ORDER_STATUS_ATTRIBUTE,
@@ -56,6 +62,11 @@ BOOKKEEPING_RETRY = RetryPolicy(
     maximum_attempts=0,
 )
 BOOKKEEPING_TIMEOUT = timedelta(seconds=30)
+# A run of a step's attempts that ended because our own database was down is not the step's
+# failure: the workflow waits (at least this long, as Temporal holds a retry) and runs it again.
+# Patched: a history in which such a run was dead-lettered by an earlier worker replays as it ran.
+RIDE_OUT_DATABASE_OUTAGES = "ride-out-database-outages"
+RIDE_OUT_MIN_WAIT = timedelta(seconds=1)
 # How a step's attempt can fail, as it reaches the workflow: an activity task's failure is an
 # ActivityError; a local activity's is the ApplicationError itself, an ActivityError around a
 # timeout or, once the workflow is being cancelled, a bare cancellation.
@@ -191,7 +202,36 @@ class OrderWorkflow:
 
     async def _attempts(self, step: str, input: StepInput, policy: StepPolicy) -> StepResult:
         """Runs the step under its whole attempt and time budget; raises the last failure when it
-        gives up. Local-first, the first attempt runs as a local activity inside the workflow
+        gives up. A run that gave up because our own database was down (its last attempt, or
+        the last before its time ran out, could not reach the ledger) is not a give-up: like a
+        worker that is down, it is waited out, and a fresh run with the whole budget again goes
+        on counting attempts from there, for as long as the database stays down. Temporal only
+        reports a run's last failure, so the downstream's failures before it cannot be told
+        apart; erring on the side of another run costs a repeat with the same key, never an
+        effect twice."""
+        run = self._first_run(step, input, policy)
+        while True:
+            try:
+                return await run
+            except STEP_FAILURES as failure:
+                down = _database_down(failure)
+                if down is None or not workflow.patched(RIDE_OUT_DATABASE_OUTAGES):
+                    raise
+                attempt, wait = down
+            await workflow.sleep(
+                max(wait, RIDE_OUT_MIN_WAIT),
+                summary=f"{step} waits for the database after attempt {attempt}",
+            )
+            run = self._activity_attempts(
+                step,
+                replace(input, attempt_offset=attempt),
+                policy,
+                attempts_made=attempt,
+                fresh_budget=True,
+            )
+
+    async def _first_run(self, step: str, input: StepInput, policy: StepPolicy) -> StepResult:
+        """Local-first, the first attempt runs as a local activity inside the workflow
         task, so an order whose steps succeed at once needs no activity task at all; only a step
         whose first attempt failed goes on as an activity task (visible in the Web UI as a pending
         activity with its attempts and last failure), after the wait that failure asked for, with
@@ -233,13 +273,14 @@ class OrderWorkflow:
         *,
         attempts_made: int,
         spent: timedelta = timedelta(0),
+        fresh_budget: bool = False,
     ) -> StepResult:
         return await workflow.execute_activity_method(
             STEP_ACTIVITIES[step],
             input,
             start_to_close_timeout=timedelta(seconds=policy.attempt_timeout_seconds),
             schedule_to_close_timeout=timedelta(seconds=policy.total_timeout_seconds) - spent,
-            retry_policy=_step_retry_policy(policy, attempts_made),
+            retry_policy=_step_retry_policy(policy, attempts_made, fresh_budget=fresh_budget),
             summary=f"{step} for order {self._order_id}",
         )
 
@@ -371,12 +412,16 @@ class OrderWorkflow:
         return "\n".join(lines)
 
 
-def _step_retry_policy(policy: StepPolicy, attempts_made: int) -> RetryPolicy:
+def _step_retry_policy(
+    policy: StepPolicy, attempts_made: int, *, fresh_budget: bool = False
+) -> RetryPolicy:
     """The activity's retry policy for the attempts the step has left after `attempts_made`
-    (its local first attempt); the intervals continue from there, so a failure without its own
+    (its local first attempt), or for all of them again (`fresh_budget`, after a run that our
+    own database ended); the intervals continue from there, so a failure without its own
     next_retry_delay waits what it would have waited had every attempt been an activity task."""
     # maximum_attempts 0 means unlimited, which stays unlimited.
-    attempts = max(policy.max_attempts - attempts_made, 1) if policy.max_attempts else 0
+    left = policy.max_attempts if fresh_budget else policy.max_attempts - attempts_made
+    attempts = max(left, 1) if policy.max_attempts else 0
     initial = min(
         policy.initial_interval_seconds * policy.backoff_coefficient**attempts_made,
         policy.max_interval_seconds,
@@ -397,6 +442,21 @@ def _retry_delay(failure: BaseException, policy: StepPolicy) -> timedelta:
     if isinstance(cause, ApplicationError) and cause.next_retry_delay:
         return cause.next_retry_delay
     return timedelta(seconds=min(policy.initial_interval_seconds, policy.max_interval_seconds))
+
+
+def _database_down(failure: BaseException) -> tuple[int, timedelta] | None:
+    """(the step attempt that found our own database down, the wait it asked for) when that is
+    what ended the run: the last attempt's own failure, or, when the step's time budget ran out
+    (a SCHEDULE_TO_CLOSE timeout, whose cause is the last attempt's failure), the last one."""
+    cause = _cause(failure)
+    if isinstance(cause, ActivityTimeoutError) and cause.type == TimeoutType.SCHEDULE_TO_CLOSE:
+        cause = cause.cause or cause
+    if not isinstance(cause, ApplicationError) or cause.type != DATABASE_UNAVAILABLE:
+        return None
+    attempt = cause.details[0] if cause.details else None
+    if not isinstance(attempt, int):
+        return None
+    return attempt, cause.next_retry_delay or RIDE_OUT_MIN_WAIT
 
 
 def _cause(failure: BaseException) -> BaseException:
