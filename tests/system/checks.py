@@ -51,7 +51,7 @@ class Figures:
 async def _orders(sessions: async_sessionmaker[AsyncSession], prefix: str) -> list[Order]:
     async with sessions() as session:
         return list(
-            (await session.scalars(select(Order).where(Order.idempotency_key.like(f"{prefix}-%"))))
+            await session.scalars(select(Order).where(Order.idempotency_key.like(f"{prefix}-%")))
         )
 
 
@@ -69,6 +69,25 @@ async def _steps(
 
 def _chunks(items: list[str], size: int = 500) -> list[list[str]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+async def orders_by_key(
+    sessions: async_sessionmaker[AsyncSession], keys: list[str]
+) -> dict[str, str]:
+    """Key -> order ID for the orders committed under these keys."""
+    async with sessions() as session:
+        rows = await session.execute(
+            select(Order.idempotency_key, Order.id).where(Order.idempotency_key.in_(keys))
+        )
+        return {str(key): str(order_id) for key, order_id in rows}
+
+
+async def started_by(temporal: Client, workflow_id: str) -> int:
+    """The process ID of the client that started the workflow (the SDK's identity pid@host)."""
+    async for event in temporal.get_workflow_handle(workflow_id).fetch_history_events():
+        identity = event.workflow_execution_started_event_attributes.identity
+        return int(identity.partition("@")[0])
+    raise AssertionError(f"{workflow_id} has no history")
 
 
 async def wait_until_settled(
@@ -155,16 +174,13 @@ async def check_orders(
         problems.append(f"outbox: {len(outbox)} entries, unstarted {unstarted[:5]}")
 
     runs = Counter(
-        [
-            execution.id
-            async for execution in temporal.list_workflows(f'TaskQueue="{task_queue}"')
-        ]
+        [execution.id async for execution in temporal.list_workflows(f'TaskQueue="{task_queue}"')]
     )
     if set(runs) != set(order_ids) or any(n != 1 for n in runs.values()):
+        missing, extra = set(order_ids) - set(runs), set(runs) - set(order_ids)
         problems.append(
-            f"workflows: {len(runs)} for {len(order_ids)} orders; missing "
-            f"{sorted(set(order_ids) - set(runs))[:5]}; extra {sorted(set(runs) - set(order_ids))[:5]};"
-            f" with several runs {[w for w, n in runs.items() if n != 1][:5]}"
+            f"workflows: {len(runs)} for {len(order_ids)} orders; missing {sorted(missing)[:5]}; "
+            f"extra {sorted(extra)[:5]}; several runs {[w for w, n in runs.items() if n != 1][:5]}"
         )
 
     steps = await _steps(sessions, order_ids)
@@ -186,11 +202,15 @@ async def check_orders(
             if step is None or step.status == StepStatus.SUCCEEDED:
                 continue
             letter = open_letters.get((order.id, step.step))
-            if step.status != StepStatus.DEAD_LETTERED or letter is None or not letter.error_message:
+            if (
+                step.status != StepStatus.DEAD_LETTERED
+                or letter is None
+                or not letter.error_message
+            ):
                 problems.append(f"{order.id} {step.step} is {step.status} without an open letter")
-        if receipt is not None and receipt.status == StepStatus.SUCCEEDED:
-            if to_customer != {message_id} or mail[message_id] < 1:
-                problems.append(f"{order.id}: receipt Message-IDs {to_customer or 'none'}")
+        receipt_sent = receipt is not None and receipt.status == StepStatus.SUCCEEDED
+        if receipt_sent and (to_customer != {message_id} or mail[message_id] < 1):
+            problems.append(f"{order.id}: receipt Message-IDs {to_customer or 'none'}")
         if warehouse is not None and warehouse.status == StepStatus.SUCCEEDED:
             if accepted_keys[effect_key(order.id, Step.NOTIFY_WAREHOUSE.value)] != 1:
                 problems.append(

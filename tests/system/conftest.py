@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -33,17 +34,17 @@ from tests.worker_processes import worker_environment
 
 RESULTS = ROOT / "test-output" / "system"
 SERVER_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
-# What every scenario's processes run with unless it says otherwise: attempts that die are
-# retried within seconds, and the sweeper looks often, so a scenario drains in its time slot.
+# What every scenario's processes run with unless it says otherwise: failed attempts are retried
+# within seconds and the sweeper looks often, so a scenario drains in its time slot. (A scenario
+# that kills attempts shortens STEP_ATTEMPT_TIMEOUT_SECONDS, so the dead ones are retried soon.)
+KILLED_ATTEMPTS_ENV = {"STEP_ATTEMPT_TIMEOUT_SECONDS": 5}
 SUITE_ENV: dict[str, object] = {
-    "STEP_ATTEMPT_TIMEOUT_SECONDS": 5,
     "RETRY_MAX_ATTEMPTS": 10,
     "RETRY_INITIAL_INTERVAL_SECONDS": 0.5,
     "RETRY_MAX_INTERVAL_SECONDS": 2,
     "OUTBOX_GRACE_SECONDS": 1,
     "OUTBOX_SWEEP_INTERVAL_SECONDS": 0.5,
     "IDEMPOTENCY_LEASE_SECONDS": 10,
-    "DATABASE_POOL_TIMEOUT_SECONDS": 5,
     "WORKER_GRACEFUL_SHUTDOWN_SECONDS": 2,
 }
 
@@ -77,7 +78,7 @@ class System:
     ) -> AsyncIterator[Stack]:
         """A scenario's processes on a fresh task queue; all killed at the end."""
         self.sinks.heal()
-        stack = Stack(self, name, f"system-{name}-{uuid.uuid4().hex[:8]}")
+        stack = Stack(self, name, f"system-{name}-{uuid.uuid4().hex[:8]}", env)
         try:
             for number in range(workers):
                 stack.workers.append(stack.service(f"worker-{number}", env, http=False))
@@ -105,10 +106,12 @@ class Stack:
     system: System
     name: str
     task_queue: str
+    env: dict[str, object]
     workers: list[Service] = field(default_factory=list)
     apis: list[Service] = field(default_factory=list)
     extra: list[Service] = field(default_factory=list)
     shop: ShopClient | None = None
+    _described: tuple[str, str] = ("", "")
 
     @property
     def prefix(self) -> str:
@@ -150,6 +153,16 @@ class Stack:
         command = api_command(port) if port is not None else worker_command()
         return Service(Process(name, command, environment, log), database, temporal, port)
 
+    async def add_api(self, name: str, **env: object) -> Service:
+        """One more API process beside the scenario's two, with settings of its own."""
+        api = self.service(name, {**self.env, **env}, http=True)
+        self.extra.append(api)
+        await api.database.open()
+        await api.temporal.open()
+        api.process.start()
+        await api.ready()
+        return api
+
     def _database_port(self) -> int:
         port = make_url(self.system.database_url).port
         return int(port or 5432)
@@ -175,8 +188,9 @@ class Stack:
         extra: dict[str, Any] | None = None,
         accepted: dict[str, str] | None = None,
     ) -> Figures:
-        """Waits until every order is settled, checks them all and records the figures."""
-        accepted = accepted if accepted is not None else self.client.accepted()
+        """Waits until every order is settled, checks them all and records the figures.
+        `accepted` adds orders the client never heard were accepted (its request died)."""
+        accepted = {**self.client.accepted(), **(accepted or {})}
         started = drain_from if drain_from is not None else time.monotonic()
         await wait_until_settled(self.system.sessions, self.prefix, len(accepted), within)
         drained = time.monotonic() - started
@@ -192,8 +206,13 @@ class Stack:
         figures.drain_seconds = round(drained, 1)
         figures.answers = {str(k): v for k, v in sorted(self.client.statuses().items())}
         figures.extra = extra or {}
-        record(self.name, injected, checked, figures)
+        self._described = (injected, checked)
+        self.record(figures)
         return figures
+
+    def record(self, figures: Figures) -> None:
+        """Writes the scenario's figures (again, once a scenario has added to them)."""
+        record(self.name, *self._described, figures)
 
 
 def record(name: str, injected: str, checked: str, figures: Figures) -> None:
@@ -212,14 +231,17 @@ async def _server_reachable(url: Any) -> bool:
 
 
 @pytest.fixture(scope="session")
-async def system(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[System]:
+async def system() -> AsyncIterator[System]:
     server = make_url(os.environ.get("TEST_DATABASE_URL") or SERVER_URL)
     if not await _server_reachable(server):
         pytest.skip(f"system suite skipped: PostgreSQL at {server.host}:{server.port} unreachable")
     name = f"orderflow_system_{uuid.uuid4().hex[:12]}"
     await _admin_sql(server, f'CREATE DATABASE "{name}"')
     url = server.set(database=name).render_as_string(hide_password=False)
-    logs = tmp_path_factory.mktemp("system-logs")
+    # The table renders this run alone: no figure of an earlier run stays behind.
+    shutil.rmtree(RESULTS, ignore_errors=True)
+    logs = RESULTS / "logs"
+    logs.mkdir(parents=True)
     temporal = TemporalServer(logs / "temporal.db", logs / "temporal.log")
     engine = create_engine(Settings(DATABASE_URL=url))
     try:

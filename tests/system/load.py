@@ -67,12 +67,14 @@ class Client:
         await self.settle(placed, retry=retry)
         return placed
 
-    async def settle(self, placed: Placed, *, retry: bool = True, api: int | None = None) -> None:
+    async def settle(
+        self, placed: Placed, *, retry: bool = True, api: int | None = None, url: str | None = None
+    ) -> None:
+        """Sends the request until it is accepted (first to `url`, or API number `api`)."""
         deadline = time.monotonic() + self.give_up_after
-        turn = api
+        first = url or (self.urls[api % len(self.urls)] if api is not None else None)
         while True:
-            url = self.urls[(next(self._turn) if turn is None else turn) % len(self.urls)]
-            turn = None
+            url, first = first or self.urls[next(self._turn) % len(self.urls)], None
             answer, response = await self._post(url, placed)
             placed.answers.append(answer)
             if response is not None and response.status_code == 202:
