@@ -9,7 +9,7 @@ export WEBHOOK_SIGNING_SECRET ?= dev-only-webhook-secret
 export DATABASE_URL ?= sqlite+aiosqlite:///./.data/orderflow.db
 export ORDERFLOW_ENV ?= dev
 
-.PHONY: run test test-sqlite test-postgres test-fast test-slow lint format migrate bench clean
+.PHONY: run test test-sqlite test-postgres test-fast test-slow test-fuzz lint format migrate bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,14 @@ test-fast: $(VENV)/.installed-test
 
 test-slow: $(VENV)/.installed-test
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -m slow
+
+# The fuzz suite at length: many more cases per operation than the suite's quick fixed-seed run
+# (FUZZ_SEED picks another seed); the figures land in test-output/fuzz-figures.json.
+test-fuzz: $(VENV)/.installed-test
+	FUZZ_MAX_EXAMPLES=$${FUZZ_MAX_EXAMPLES:-300} FUZZ_STATEFUL_EXAMPLES=$${FUZZ_STATEFUL_EXAMPLES:-60} \
+	  FUZZ_STATEFUL_STEPS=$${FUZZ_STATEFUL_STEPS:-10} PATH="$(abspath $(BIN)):$$PATH" \
+	  $(BIN)/pytest tests/fuzz -p no:cacheprovider
+	cat test-output/fuzz-figures.json
 
 format: $(VENV)/.installed-test
 	$(BIN)/ruff format .

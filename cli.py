@@ -126,6 +126,7 @@ async def dlq(args: argparse.Namespace, settings: Settings) -> str:
         get_dead_letter,
         list_dead_letters,
     )
+    from core.outages import DependencyUnavailable
 
     engine = create_engine(settings)
     sessions = create_sessionmaker(engine)
@@ -176,7 +177,7 @@ async def dlq(args: argparse.Namespace, settings: Settings) -> str:
         return report
     except (DeadLetterNotFound, CommandRejected) as refused:
         raise Refused(str(refused)) from refused
-    except CommandUnconfirmed as unconfirmed:
+    except (CommandUnconfirmed, DependencyUnavailable) as unconfirmed:
         raise Unreachable(str(unconfirmed)) from unconfirmed
     except (SQLAlchemyError, OSError) as failure:
         raise Unreachable(f"database {_safe_url(settings)}: {failure}") from failure

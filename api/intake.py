@@ -3,6 +3,7 @@ commit the order with its outbox entry) and nothing else. Everything after goes 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import math
@@ -26,6 +27,13 @@ from core.models import (
     OrderStep,
     WorkflowOutbox,
     utcnow,
+)
+from core.outages import (
+    DATABASE,
+    DATABASE_ERRORS,
+    RETRY_AFTER_SECONDS,
+    DependencyUnavailable,
+    is_database_outage,
 )
 from core.payments import GatewayUnavailable, PaymentGateway
 
@@ -58,6 +66,18 @@ COMPLETE_KEY = update(IdempotencyKey).where(IdempotencyKey.key == bindparam("hel
 # Claiming loops only when the key row vanishes between our INSERT and our read (a holder freed
 # it after a gateway outage); a handful of rounds covers any real interleaving.
 CLAIM_ROUNDS = 5
+# How long freeing a key may take after the database failed mid-request; past it the lease frees it.
+RELEASE_TIMEOUT_SECONDS = 2.0
+KEY_REUSED = {
+    # FastAPI's list shape, as every other 422 of the API.
+    "detail": [
+        {
+            "type": "idempotency_key_reused",
+            "loc": ["header", "Idempotency-Key"],
+            "msg": "Idempotency-Key was already used for a different request body",
+        }
+    ]
+}
 
 
 def request_fingerprint(order: OrderIn) -> str:
@@ -103,9 +123,17 @@ class OrderIntake:
             await self._release(key, claim)
             return IntakeOutcome(
                 503,
-                {"detail": f"payment gateway unavailable, retry with the same key: {failure}"},
-                {"Retry-After": "1"},
+                {
+                    "detail": f"payment gateway unavailable, retry with the same key: {failure}",
+                    "dependency": "payment_gateway",
+                },
+                {"Retry-After": str(RETRY_AFTER_SECONDS)},
             )
+        except DATABASE_ERRORS as failure:
+            # The sandbox gateway keeps its charges in our database.
+            if not is_database_outage(failure):
+                raise
+            raise await self._unavailable(key, claim) from failure
 
         if not charge.succeeded:
             body = {"detail": charge.decline_reason or "card declined"}
@@ -141,6 +169,10 @@ class OrderIntake:
             # Our lease ran out and a retry of this request took the key over and committed the
             # order first (orders.idempotency_key is unique): its order is the answer.
             return await self._answer_with_existing_order(key)
+        except DATABASE_ERRORS as failure:
+            if not is_database_outage(failure):
+                raise
+            raise await self._unavailable(key, claim) from failure
         record_order_accepted()
         return IntakeOutcome(202, body, _location(order_id), new_order_id=order_id)
 
@@ -175,11 +207,7 @@ class OrderIntake:
                 if held is None:  # freed between our INSERT and this read: claim again
                     continue
                 if held.request_hash != fingerprint:
-                    return IntakeOutcome(
-                        422,
-                        {"detail": "Idempotency-Key was already used for a different request body"},
-                        {},
-                    )
+                    return IntakeOutcome(422, KEY_REUSED, {})
                 if held.state == KeyState.COMPLETED:
                     assert held.response_status is not None and held.response_body is not None
                     headers = _location(held.order_id) if held.order_id else {}
@@ -199,6 +227,26 @@ class OrderIntake:
                 held.locked_until = lease.until
                 return lease
         raise RuntimeError(f"could not claim idempotency key after {CLAIM_ROUNDS} rounds")
+
+    async def _unavailable(self, key: str, lease: Lease) -> DependencyUnavailable:
+        """What to raise when the database failed after this request claimed the key: the
+        order's transaction is all or nothing, so either it committed (a retry replays it) or
+        nothing of it did; the charge is keyed, so a retry replays it instead of charging again.
+        Only the claim is left to settle: freed now if the database answers, so a retry goes
+        straight through, else held until its lease runs out, which the Retry-After says."""
+        try:
+            async with asyncio.timeout(RELEASE_TIMEOUT_SECONDS):
+                await self._release(key, lease)
+            retry_after = RETRY_AFTER_SECONDS
+        except Exception:
+            retry_after = max(
+                RETRY_AFTER_SECONDS, math.ceil((lease.until - utcnow()).total_seconds())
+            )
+        return DependencyUnavailable(
+            DATABASE,
+            "the database is unavailable; retry with the same Idempotency-Key",
+            retry_after,
+        )
 
     async def _release(self, key: str, lease: Lease) -> None:
         async with self._sessions.begin() as session:

@@ -3,6 +3,7 @@ the 422 answer itself, which must never echo a card number or a payment token ba
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -91,12 +92,38 @@ def redacted_errors(errors: Any) -> list[dict[str, Any]]:
     return redacted
 
 
+def _renderable(value: Any) -> Any:
+    """What JSON can carry of an echoed input: a lone surrogate or a NaN the client sent would
+    otherwise make the 422 itself fail to render (a 500)."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {_renderable(key): _renderable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_renderable(item) for item in value]
+    return value
+
+
 async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
     """FastAPI's 422 shape, minus anything sensitive the client sent."""
     assert isinstance(exc, RequestValidationError)
-    return JSONResponse(
-        status_code=422, content={"detail": jsonable_encoder(redacted_errors(exc.errors()))}
-    )
+    errors = jsonable_encoder(redacted_errors(exc.errors()))
+    return JSONResponse(status_code=422, content={"detail": _renderable(errors)})
+
+
+def _has_body(request: Request) -> bool:
+    length = request.headers.get("content-length")
+    return "transfer-encoding" in request.headers or (length is not None and length != "0")
+
+
+async def require_json(request: Request) -> None:
+    """415 for a body that is not JSON: otherwise a form or text body is taken as a string and
+    refused with a 422 that talks about a dictionary the client never sent."""
+    media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if _has_body(request) and media != "application/json" and not media.endswith("+json"):
+        raise HTTPException(415, "send the body as JSON with Content-Type: application/json")
 
 
 class BodySizeLimit:

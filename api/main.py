@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from api.deps import check_api_keys
 from api.dispatcher import WorkflowDispatcher
+from api.errors import TemporalOutageWatch, install_error_answers, outage_logs
 from api.intake import OrderIntake
 from api.limits import install_limits
 from api.metrics import install_metrics
@@ -18,6 +19,7 @@ from api.routes import admin, dead_letters, health, orders
 from core.db import create_engine, create_sessionmaker
 from core.logging import configure_logging
 from core.metrics import WorkflowStartMetrics
+from core.outages import DATABASE, TEMPORAL, watch_database
 from core.payments import SandboxGateway
 from core.settings import Settings, get_settings
 from core.temporal import connect_temporal
@@ -36,12 +38,17 @@ def create_app(settings: Settings | None = None, *, tracing: Tracing | None = No
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         check_api_keys(app_settings, log)
         engine = create_engine(app_settings)
+        watch_database(engine, outage_logs(app)[DATABASE])
         sessions = create_sessionmaker(engine)
         # Lazy: the API serves (and keeps taking orders into the outbox) while Temporal is down.
         temporal = await connect_temporal(
             app_settings,
             lazy=True,
-            interceptors=[*app_tracing.interceptors(), WorkflowStartMetrics()],
+            interceptors=[
+                *app_tracing.interceptors(),
+                WorkflowStartMetrics(),
+                TemporalOutageWatch(outage_logs(app)[TEMPORAL]),
+            ],
         )
         dispatcher = WorkflowDispatcher(
             sessions,
@@ -72,6 +79,7 @@ def create_app(settings: Settings | None = None, *, tracing: Tracing | None = No
         lifespan=lifespan,
     )
     install_limits(app)
+    install_error_answers(app)
     install_metrics(app)
     app_tracing.instrument_app(app)
     app.include_router(orders.router)

@@ -5,9 +5,36 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    EmailStr,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 
 from api.limits import reject_card_data
+
+
+def _storable(value: str) -> str:
+    # The database stores UTF-8 text: PostgreSQL refuses NUL in text and no encoder takes a lone
+    # surrogate, so either one is the client's 422 here rather than the driver's 500 later.
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (no lone surrogate code points)") from None
+    return value
+
+
+# Any client string that reaches the database (a body field, a path or query parameter).
+StorableStr = Annotated[str, AfterValidator(_storable)]
+# IDs and offsets are 32-bit integers in the database; a larger one cannot name a row.
+MAX_DB_INT = 2**31 - 1
+DbId = Annotated[int, Field(ge=1, le=MAX_DB_INT)]
 
 # ISO 4217 codes the shop sells in; anything else is an unknown currency.
 Currency = Literal[
@@ -31,9 +58,29 @@ class OrderItemIn(BaseModel):
 
 
 class OrderIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "customer_email": "buyer@example.com",
+                    "currency": "EUR",
+                    "items": [{"sku": "BOOK-1", "quantity": 2, "unit_price_cents": 1250}],
+                    "payment_token": "tok_visa",
+                },
+                {
+                    "customer_email": "declined@example.com",
+                    "currency": "USD",
+                    "items": [{"sku": "PEN-9", "quantity": 1, "unit_price_cents": 199}],
+                    "payment_token": "tok_declined",
+                },
+            ]
+        },
+    )
 
-    customer_email: Annotated[EmailStr, StringConstraints(max_length=254)]
+    customer_email: Annotated[
+        EmailStr, StringConstraints(max_length=254), AfterValidator(_storable)
+    ]
     currency: Currency
     items: list[OrderItemIn] = Field(min_length=1, max_length=MAX_ITEMS)
     payment_token: PaymentToken
@@ -123,11 +170,32 @@ class DeadLetterCommandAccepted(BaseModel):
 
 
 class DiscardIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"reason": "the warehouse cancelled the order", "actor": "ops"}]
+        },
+    )
 
-    reason: Annotated[str, StringConstraints(min_length=1, max_length=2000, strip_whitespace=True)]
-    actor: Annotated[str, StringConstraints(min_length=1, max_length=200)] = "operator"
+    reason: Annotated[
+        StorableStr, StringConstraints(min_length=1, max_length=2000, strip_whitespace=True)
+    ]
+    actor: Annotated[StorableStr, StringConstraints(min_length=1, max_length=200)] = "operator"
 
 
 class Problem(BaseModel):
+    """Every error answer but 422 (FastAPI's list of field errors) and 503."""
+
     detail: str
+
+
+class Unavailable(Problem):
+    """503: a dependency this request needs is down; retry after the Retry-After seconds."""
+
+    dependency: Literal["database", "temporal", "payment_gateway"]
+
+
+class Readiness(BaseModel):
+    ready: bool
+    # "ok", or why the dependency is not: {"database": "ok", "temporal": "unreachable: ..."}.
+    checks: dict[str, str]

@@ -35,6 +35,7 @@ from core.models import (
     StepStatus,
     utcnow,
 )
+from core.outages import TEMPORAL, DependencyUnavailable, is_temporal_outage
 
 
 class DeadLetterNotFound(LookupError):
@@ -141,6 +142,14 @@ class CommandUnconfirmed(Exception):
 
 # An update is answered by a worker; with none polling, the caller is told instead of waiting.
 COMMAND_TIMEOUT_SECONDS = 15.0
+# After a command went unanswered: how long to ask whether the server itself is there.
+HEALTH_PROBE_SECONDS = 2.0
+
+
+def _temporal_down(error: BaseException) -> DependencyUnavailable:
+    return DependencyUnavailable(
+        TEMPORAL, f"Temporal cannot be reached ({type(error).__name__}); retry later"
+    )
 
 
 class DeadLetterOperator:
@@ -226,7 +235,11 @@ class DeadLetterOperator:
     async def _workflow_running(self, letter: DeadLetter) -> bool:
         try:
             described = await self._client.get_workflow_handle(letter.workflow_id).describe()
-        except RPCError as failure:
+        except Exception as failure:
+            if is_temporal_outage(failure):
+                raise _temporal_down(failure) from failure
+            if not isinstance(failure, RPCError):
+                raise
             raise CommandRejected(
                 f"workflow {letter.workflow_id} cannot be reached: {failure.message}"
             ) from failure
@@ -243,6 +256,7 @@ class DeadLetterOperator:
                 )
             return result
         except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError) as silence:
+            await self._server_reachable(silence)
             raise CommandUnconfirmed(
                 f"{update} of dead letter {letter.id} was not confirmed within "
                 f"{self._command_timeout:g} s: is a worker running? The workflow may still take "
@@ -252,7 +266,11 @@ class DeadLetterOperator:
             cause = failure.cause
             reason = getattr(cause, "message", None) or str(cause)
             raise CommandRejected(f"workflow refused {update}: {reason}") from failure
-        except RPCError as failure:
+        except Exception as failure:
+            if is_temporal_outage(failure):
+                raise _temporal_down(failure) from failure
+            if not isinstance(failure, RPCError):
+                raise
             if not await self._workflow_running(letter):
                 raise CommandRejected(
                     f"order {letter.order_id}'s workflow has closed (it stopped waiting after "
@@ -261,3 +279,12 @@ class DeadLetterOperator:
             raise CommandRejected(
                 f"workflow {letter.workflow_id} cannot take {update}: {failure.message}"
             ) from failure
+
+    async def _server_reachable(self, silence: BaseException) -> None:
+        """Tells "no worker took it" (the server is there: 504 is the answer) from "the server
+        is not there" (503, try again later)."""
+        try:
+            async with asyncio.timeout(HEALTH_PROBE_SECONDS):
+                await self._client.service_client.check_health()
+        except Exception as failure:
+            raise _temporal_down(failure) from silence

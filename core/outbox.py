@@ -25,6 +25,7 @@ from temporalio.client import Client
 from temporalio.service import RPCError
 
 from core.models import WorkflowOutbox, utcnow
+from core.outages import DATABASE, OutageLog, is_database_outage
 from core.settings import Settings
 from core.temporal import start_order_workflow
 
@@ -34,6 +35,8 @@ SWEEP_START_TIMEOUT = timedelta(seconds=5)
 # Starts a sweep keeps in flight at once: enough to hide the round trip, few enough not to
 # crowd the worker's own polls on the same connection.
 RELAY_CONCURRENCY = 16
+# While the database is down a sweep waits twice as long after each failure, up to this.
+MAX_OUTAGE_BACKOFF = timedelta(seconds=30)
 
 
 async def dispatch(
@@ -295,8 +298,12 @@ async def run_sweeper(
     first, because cancelling one mid-query breaks its database connection (asyncpg logs it).
 
     With no grace and a short interval this is the relay of WORKFLOW_START_MODE=outbox: the
-    only thing that starts workflows."""
+    only thing that starts workflows.
+
+    A database outage ends no loop: it is logged once, the sweeps back off (doubling up to
+    MAX_OUTAGE_BACKOFF) and go back to their pace at the first one that gets through."""
     stop = stop or asyncio.Event()
+    outage = OutageLog(DATABASE, log, meanwhile="the outbox sweeper backs off until it is back")
     while not stop.is_set():
         wait = interval
         try:
@@ -310,15 +317,20 @@ async def run_sweeper(
                 eager=eager,
                 max_backlog=max_backlog,
             )
+            outage.succeeded()
             if sweep.started and grace:  # a relay (no grace) starting workflows is routine
                 log.info("sweeper started workflows", extra={"count": sweep.started})
             if sweep.started < sweep.found - sweep.held:
                 wait = failure_interval or interval
             elif sweep.found == batch and not sweep.held:
                 continue
-        except Exception:
-            log.exception("outbox sweep failed; trying again next interval")
+        except Exception as failure:
             wait = failure_interval or interval
+            if is_database_outage(failure):
+                outage.failed(failure)
+                wait = min(MAX_OUTAGE_BACKOFF, wait * 2 ** min(outage.failures - 1, 16))
+            else:
+                log.exception("outbox sweep failed; trying again next interval")
         with suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), wait.total_seconds())
 

@@ -11,7 +11,7 @@ import socket
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -307,10 +307,10 @@ async def devsinks_process(tmp_path: Path) -> AsyncIterator[DevSinksProcess]:
         await process.wait()
 
 
-@pytest.fixture
-def own_database(database_url: str) -> Iterator[str]:
-    """A migrated database of the test's own (beside `database_url`), for a test that must see
-    only the rows it made, such as a bulk retry matching every open dead letter."""
+@contextmanager
+def fresh_database(database_url: str, prefix: str = "orderflow_own") -> Iterator[str]:
+    """A migrated database of its own beside `database_url` (a file beside it on SQLite, a
+    database on the same server on PostgreSQL), dropped afterwards on PostgreSQL."""
     url = make_url(database_url)
     if url.get_backend_name() == "sqlite":
         assert url.database
@@ -319,7 +319,7 @@ def own_database(database_url: str) -> Iterator[str]:
         _migrate(rendered)
         yield rendered
         return
-    name = f"orderflow_bulk_{uuid.uuid4().hex[:12]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     asyncio.run(_admin_sql(url, f'CREATE DATABASE "{name}"'))
     rendered = url.set(database=name).render_as_string(hide_password=False)
     try:
@@ -327,3 +327,11 @@ def own_database(database_url: str) -> Iterator[str]:
         yield rendered
     finally:
         asyncio.run(_admin_sql(url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def own_database(database_url: str) -> Iterator[str]:
+    """A migrated database of the test's own (beside `database_url`), for a test that must see
+    only the rows it made, such as a bulk retry matching every open dead letter."""
+    with fresh_database(database_url, "orderflow_bulk") as url:
+        yield url

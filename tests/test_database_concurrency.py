@@ -47,9 +47,9 @@ KEYS_PER_RUN = 4
 REQUESTS_PER_KEY = 12
 
 
-def api_process_env(settings: Settings) -> dict[str, str]:
+def api_process_env(settings: Settings, **overrides: str) -> dict[str, str]:
     """What an operator would export for `uvicorn api.main:app`: the test's database, Temporal
-    server and task queue."""
+    server and task queue, and any `overrides`."""
     env = {
         **os.environ,
         "ORDERFLOW_ENV": "test",
@@ -63,11 +63,14 @@ def api_process_env(settings: Settings) -> dict[str, str]:
         "LOG_LEVEL": "WARNING",
     }
     env.pop("TEST_DATABASE_URL", None)
+    env.update(overrides)
     return env
 
 
 @asynccontextmanager
-async def api_processes(settings: Settings, count: int) -> AsyncIterator[list[str]]:
+async def api_processes(
+    settings: Settings, count: int, **overrides: str
+) -> AsyncIterator[list[str]]:
     """`count` API processes on free ports; yields their base URLs once each answers /healthz."""
     procs: list[tuple[asyncio.subprocess.Process, str]] = []
     try:
@@ -77,7 +80,7 @@ async def api_processes(settings: Settings, count: int) -> AsyncIterator[list[st
                 *(sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1"),
                 *("--port", str(port), "--log-level", "warning"),
                 cwd=ROOT,
-                env=api_process_env(settings),
+                env=api_process_env(settings, **overrides),
             )
             procs.append((proc, f"http://127.0.0.1:{port}"))
         async with httpx.AsyncClient(timeout=5) as probe:

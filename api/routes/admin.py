@@ -22,7 +22,8 @@ from typing import Annotated, Any
 from urllib.parse import quote, unquote, urlsplit
 
 from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request
-from fastapi.responses import RedirectResponse, Response
+from fastapi import Path as PathParam
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import func, select
@@ -35,6 +36,8 @@ from temporalio.client import (
 from temporalio.service import RPCError
 
 from api.deps import SessionsDep, SettingsDep, TemporalDep, require_admin_login
+from api.errors import answers
+from api.schemas import DbId, StorableStr
 from core import dead_letters
 from core.contracts import OrderWorkflowStatus
 from core.dead_letters import (
@@ -78,8 +81,20 @@ async def require_same_origin(request: Request) -> None:
         raise HTTPException(403, "cross-origin form post refused: submit it from the admin page")
 
 
-router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin_login)])
+router = APIRouter(
+    prefix="/admin",
+    tags=["admin"],
+    dependencies=[Depends(require_admin_login)],
+)
+# The pages answer HTML; their refusals and outages are JSON like the rest of the API.
+PAGE_ERRORS = answers(401, 503, html=True)
 SameOrigin = [Depends(require_same_origin)]
+DeadLetterId = Annotated[DbId, PathParam()]
+# Every action answers with a redirect back to a page, which shows the outcome as a flash.
+BACK_TO_PAGE: dict[int | str, dict[str, Any]] = {
+    303: {"description": "Back to the page, which shows the outcome"},
+    **answers(400, 401, 403, 413, 503),
+}
 
 
 # --- presentation helpers -------------------------------------------------------------------
@@ -243,7 +258,13 @@ class Group:
     redriving: bool
 
 
-@router.get("", name="admin_index", summary="The review page: open dead letters by cause")
+@router.get(
+    "",
+    name="admin_index",
+    summary="The review page: open dead letters by cause",
+    response_class=HTMLResponse,
+    responses=PAGE_ERRORS,
+)
 async def index(request: Request, sessions: SessionsDep, settings: SettingsDep) -> Response:
     async with sessions() as session:
         counts = (
@@ -291,11 +312,21 @@ async def index(request: Request, sessions: SessionsDep, settings: SettingsDep) 
     )
 
 
-@router.get("/orders", name="admin_search", summary="Find an order by its ID")
+@router.get(
+    "/orders",
+    name="admin_search",
+    summary="Find an order by its ID",
+    status_code=303,
+    response_class=RedirectResponse,
+    responses={
+        303: {"description": "To the order's page, or back with a flash message"},
+        **answers(401, 503),
+    },
+)
 async def search(
     request: Request,
     sessions: SessionsDep,
-    q: Annotated[str, Query(max_length=100)] = "",
+    q: Annotated[StorableStr, Query(max_length=100)] = "",
 ) -> Response:
     wanted = q.strip()
     if not wanted:
@@ -414,10 +445,19 @@ async def _workflow_view(client: Client, workflow_id: str) -> WorkflowView:
     raise queried
 
 
-@router.get("/orders/{order_id}", name="admin_order", summary="One order's steps and history")
+@router.get(
+    "/orders/{order_id}",
+    name="admin_order",
+    summary="One order's steps and history",
+    response_class=HTMLResponse,
+    responses={
+        404: {"description": "No such order", "content": {"text/html": {}}},
+        **PAGE_ERRORS,
+    },
+)
 async def order_page(
     request: Request,
-    order_id: str,
+    order_id: Annotated[StorableStr, PathParam(max_length=40)],
     sessions: SessionsDep,
     settings: SettingsDep,
     temporal: TemporalDep,
@@ -462,12 +502,19 @@ def _unconfirmed(action: str, dead_letter_id: int) -> str:
     )
 
 
-@router.post("/dead-letters/{dead_letter_id}/retry", name="admin_retry", dependencies=SameOrigin)
+@router.post(
+    "/dead-letters/{dead_letter_id}/retry",
+    name="admin_retry",
+    dependencies=SameOrigin,
+    status_code=303,
+    response_class=RedirectResponse,
+    responses=BACK_TO_PAGE,
+)
 async def retry(
-    dead_letter_id: int,
+    dead_letter_id: DeadLetterId,
     sessions: SessionsDep,
     temporal: TemporalDep,
-    back: Annotated[str, Form()] = "/admin",
+    back: Annotated[StorableStr, Form()] = "/admin",
 ) -> Response:
     try:
         letter = await DeadLetterOperator(sessions, temporal).retry(dead_letter_id)
@@ -484,15 +531,20 @@ async def retry(
 
 
 @router.post(
-    "/dead-letters/{dead_letter_id}/discard", name="admin_discard", dependencies=SameOrigin
+    "/dead-letters/{dead_letter_id}/discard",
+    name="admin_discard",
+    dependencies=SameOrigin,
+    status_code=303,
+    response_class=RedirectResponse,
+    responses=BACK_TO_PAGE,
 )
 async def discard(
     request: Request,
-    dead_letter_id: int,
+    dead_letter_id: DeadLetterId,
     sessions: SessionsDep,
     temporal: TemporalDep,
-    reason: Annotated[str, Form(max_length=2000)] = "",
-    back: Annotated[str, Form()] = "/admin",
+    reason: Annotated[StorableStr, Form(max_length=2000)] = "",
+    back: Annotated[StorableStr, Form()] = "/admin",
 ) -> Response:
     if not reason.strip():
         return _redirect(back, "error", "Discard needs a reason: say why this step is given up")
@@ -509,14 +561,21 @@ async def discard(
     )
 
 
-@router.post("/dead-letters/retry", name="admin_bulk_retry", dependencies=SameOrigin)
+@router.post(
+    "/dead-letters/retry",
+    name="admin_bulk_retry",
+    dependencies=SameOrigin,
+    status_code=303,
+    response_class=RedirectResponse,
+    responses=BACK_TO_PAGE,
+)
 async def bulk_retry(
     request: Request,
     sessions: SessionsDep,
     temporal: TemporalDep,
-    step: Annotated[str, Form(max_length=40)],
-    error_type: Annotated[str, Form(max_length=200)],
-    back: Annotated[str, Form()] = "/admin",
+    step: Annotated[StorableStr, Form(max_length=40)],
+    error_type: Annotated[StorableStr, Form(max_length=200)],
+    back: Annotated[StorableStr, Form()] = "/admin",
 ) -> Response:
     where = DeadLetterFilter(status=DeadLetterStatus.OPEN, step=step, error_type=error_type)
     async with sessions() as session:

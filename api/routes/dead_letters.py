@@ -4,11 +4,21 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi import APIRouter, Depends, HTTPException, Path, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import SessionsDep, TemporalDep, require_admin_key
-from api.schemas import DeadLetterCommandAccepted, DeadLetterOut, DeadLetterPage, DiscardIn, Problem
+from api.errors import answers
+from api.limits import require_json
+from api.schemas import (
+    MAX_DB_INT,
+    DbId,
+    DeadLetterCommandAccepted,
+    DeadLetterOut,
+    DeadLetterPage,
+    DiscardIn,
+    StorableStr,
+)
 from core.dead_letters import (
     CommandRejected,
     CommandUnconfirmed,
@@ -24,19 +34,20 @@ router = APIRouter(
     prefix="/dead-letters",
     tags=["dead-letters"],
     dependencies=[Depends(require_admin_key)],
-    responses={401: {"model": Problem}},
+    responses=answers(401, 503),
 )
 
 StatusFilter = Annotated[DeadLetterStatus | None, Query()]
 StepFilter = Annotated[Step | None, Query()]
+DeadLetterId = Annotated[DbId, Path()]
 
 
 class BulkRetryIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     step: Step | None = None
-    error_type: str | None = Field(default=None, max_length=200)
-    order_id: str | None = Field(default=None, max_length=40)
+    error_type: StorableStr | None = Field(default=None, max_length=200)
+    order_id: StorableStr | None = Field(default=None, max_length=40)
     per_second: float = Field(default=5.0, gt=0, le=100)
     limit: int = Field(default=100, ge=1, le=1000)
 
@@ -59,10 +70,10 @@ async def list_letters(
     sessions: SessionsDep,
     status: StatusFilter = None,
     step: StepFilter = None,
-    order_id: Annotated[str | None, Query(max_length=40)] = None,
-    error_type: Annotated[str | None, Query(max_length=200)] = None,
+    order_id: Annotated[StorableStr | None, Query(max_length=40)] = None,
+    error_type: Annotated[StorableStr | None, Query(max_length=200)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_DB_INT)] = 0,
 ) -> DeadLetterPage:
     """Dead letters, filtered by status, step, order and error type, oldest first; `total`
     counts every match so a client can page with `limit` and `offset`."""
@@ -77,7 +88,13 @@ async def list_letters(
     )
 
 
-@router.post("/retry", status_code=202, response_model=BulkRetryAccepted)
+@router.post(
+    "/retry",
+    status_code=202,
+    response_model=BulkRetryAccepted,
+    responses=answers(400, 413, 415),
+    dependencies=[Depends(require_json)],
+)
 async def retry_many(
     body: BulkRetryIn, sessions: SessionsDep, temporal: TemporalDep
 ) -> BulkRetryAccepted:
@@ -94,8 +111,8 @@ async def retry_many(
     )
 
 
-@router.get("/{dead_letter_id}", response_model=DeadLetterOut, responses={404: {"model": Problem}})
-async def get_letter(dead_letter_id: int, sessions: SessionsDep) -> DeadLetterOut:
+@router.get("/{dead_letter_id}", response_model=DeadLetterOut, responses=answers(404))
+async def get_letter(dead_letter_id: DeadLetterId, sessions: SessionsDep) -> DeadLetterOut:
     """One dead letter."""
     try:
         async with sessions() as session:
@@ -108,10 +125,10 @@ async def get_letter(dead_letter_id: int, sessions: SessionsDep) -> DeadLetterOu
     "/{dead_letter_id}/retry",
     status_code=202,
     response_model=DeadLetterCommandAccepted,
-    responses={404: {"model": Problem}, 409: {"model": Problem}, 504: {"model": Problem}},
+    responses=answers(404, 409, 504),
 )
 async def retry_letter(
-    dead_letter_id: int, sessions: SessionsDep, temporal: TemporalDep
+    dead_letter_id: DeadLetterId, sessions: SessionsDep, temporal: TemporalDep
 ) -> DeadLetterCommandAccepted:
     """Run the parked step again with a fresh retry budget."""
     try:
@@ -128,10 +145,11 @@ async def retry_letter(
 @router.post(
     "/{dead_letter_id}/discard",
     response_model=DeadLetterCommandAccepted,
-    responses={404: {"model": Problem}, 409: {"model": Problem}, 504: {"model": Problem}},
+    responses=answers(400, 404, 409, 413, 415, 504),
+    dependencies=[Depends(require_json)],
 )
 async def discard_letter(
-    dead_letter_id: int, body: DiscardIn, sessions: SessionsDep, temporal: TemporalDep
+    dead_letter_id: DeadLetterId, body: DiscardIn, sessions: SessionsDep, temporal: TemporalDep
 ) -> DeadLetterCommandAccepted:
     """Give up on the parked step, recording who and why."""
     try:

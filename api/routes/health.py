@@ -9,6 +9,9 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from api.deps import SessionsDep, TemporalDep
+from api.errors import READINESS_ANSWERS
+from api.schemas import Readiness
+from core.outages import RETRY_AFTER_SECONDS
 
 router = APIRouter(tags=["health"])
 
@@ -21,7 +24,7 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", response_model=Readiness, responses=READINESS_ANSWERS)
 async def readyz(sessions: SessionsDep, temporal: TemporalDep) -> JSONResponse:
     """The database and Temporal are reachable."""
     checks: dict[str, str] = {}
@@ -38,4 +41,7 @@ async def readyz(sessions: SessionsDep, temporal: TemporalDep) -> JSONResponse:
     except Exception as failure:
         checks["temporal"] = f"unreachable: {type(failure).__name__}"
     ready = all(value == "ok" for value in checks.values())
-    return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+    body = {"ready": ready, "checks": checks}
+    if ready:
+        return JSONResponse(body)
+    return JSONResponse(body, status_code=503, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, HTTPException
+from fastapi import APIRouter, Depends, Header, HTTPException, Path
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from temporalio.exceptions import WorkflowAlreadyStartedError
@@ -18,14 +18,16 @@ from api.deps import (
     TemporalDep,
     require_api_key,
 )
+from api.errors import answers
+from api.limits import require_json
 from api.schemas import (
     OrderAccepted,
     OrderCancelAccepted,
     OrderIn,
     OrderItemIn,
     OrderOut,
-    Problem,
     StepOut,
+    StorableStr,
 )
 from core.contracts import CancelRequest
 from core.db import read_session
@@ -36,10 +38,11 @@ router = APIRouter(
     prefix="/orders",
     tags=["orders"],
     dependencies=[Depends(require_api_key)],
-    responses={401: {"model": Problem}},
+    responses=answers(401, 503),
 )
 
 MAX_KEY_LENGTH = 255
+OrderId = Annotated[StorableStr, Path(max_length=40)]
 
 
 def _checked_key(key: str | None) -> str:
@@ -58,19 +61,17 @@ def _checked_key(key: str | None) -> str:
     "",
     status_code=202,
     response_model=OrderAccepted,
-    responses={
-        400: {"model": Problem},
-        402: {"model": Problem},
-        409: {"model": Problem},
-        503: {"model": Problem},
-    },
+    responses=answers(400, 402, 409, 413, 415),
+    dependencies=[Depends(require_json)],
 )
 async def place_order(
     order: OrderIn,
     intake: IntakeDep,
     dispatcher: DispatcherDep,
     settings: SettingsDep,
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+    idempotency_key: Annotated[
+        str | None, Header(alias="Idempotency-Key", examples=["checkout-8f3a2c-attempt-1"])
+    ] = None,
 ) -> JSONResponse:
     """Charge the card, record the order and hand its follow-ups to a workflow."""
     outcome = await intake.place(_checked_key(idempotency_key), order)
@@ -83,8 +84,8 @@ async def place_order(
     return JSONResponse(outcome.body, status_code=outcome.status_code, headers=outcome.headers)
 
 
-@router.get("/{order_id}", response_model=OrderOut, responses={404: {"model": Problem}})
-async def get_order(order_id: str, sessions: SessionsDep) -> OrderOut:
+@router.get("/{order_id}", response_model=OrderOut, responses=answers(404))
+async def get_order(order_id: OrderId, sessions: SessionsDep) -> OrderOut:
     """The order, its overall status and each follow-up step's status."""
     async with read_session(sessions) as session:
         order = await session.get(Order, order_id)
@@ -120,10 +121,10 @@ async def get_order(order_id: str, sessions: SessionsDep) -> OrderOut:
     "/{order_id}/cancel",
     status_code=202,
     response_model=OrderCancelAccepted,
-    responses={404: {"model": Problem}, 409: {"model": Problem}},
+    responses=answers(404, 409),
 )
 async def cancel_order(
-    order_id: str, sessions: SessionsDep, temporal: TemporalDep, settings: SettingsDep
+    order_id: OrderId, sessions: SessionsDep, temporal: TemporalDep, settings: SettingsDep
 ) -> OrderCancelAccepted:
     """Ask the order's workflow to cancel it. The warehouse notification is skipped if it has not
     been delivered yet; once the warehouse accepted the order, the cancel is too late (409)."""
