@@ -28,8 +28,8 @@ from tests.conftest import ROOT, _admin_sql, _migrate, free_port
 from tests.system.checks import Figures, check_orders, wait_until_settled
 from tests.system.load import Client as ShopClient
 from tests.system.processes import Process, Service, TemporalServer, api_command, worker_command
-from tests.system.proxy import Link
 from tests.system.sinks import Sinks, running_sinks
+from tests.tcp_proxy import TcpProxy
 from tests.worker_processes import worker_environment
 
 RESULTS = ROOT / "test-output" / "system"
@@ -37,7 +37,7 @@ SERVER_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
 # What every scenario's processes run with unless it says otherwise: failed attempts are retried
 # within seconds and the sweeper looks often, so a scenario drains in its time slot. (A scenario
 # that kills attempts shortens STEP_ATTEMPT_TIMEOUT_SECONDS, so the dead ones are retried soon.)
-KILLED_ATTEMPTS_ENV = {"STEP_ATTEMPT_TIMEOUT_SECONDS": 5}
+KILLED_ATTEMPTS_ENV: dict[str, object] = {"STEP_ATTEMPT_TIMEOUT_SECONDS": 5}
 SUITE_ENV: dict[str, object] = {
     "RETRY_MAX_ATTEMPTS": 10,
     "RETRY_INITIAL_INTERVAL_SECONDS": 0.5,
@@ -74,19 +74,19 @@ class System:
 
     @asynccontextmanager
     async def stack(
-        self, name: str, *, workers: int = 2, apis: int = 2, **env: object
+        self, name: str, env: dict[str, object] | None = None, *, workers: int = 2, apis: int = 2
     ) -> AsyncIterator[Stack]:
-        """A scenario's processes on a fresh task queue; all killed at the end."""
+        """A scenario's processes on a fresh task queue, with `env` over SUITE_ENV; all killed
+        at the end."""
+        env = env or {}
         self.sinks.heal()
         stack = Stack(self, name, f"system-{name}-{uuid.uuid4().hex[:8]}", env)
         try:
             for number in range(workers):
-                stack.workers.append(stack.service(f"worker-{number}", env, http=False))
+                stack.workers.append(await stack.service(f"worker-{number}", env, http=False))
             for number in range(apis):
-                stack.apis.append(stack.service(f"api-{number}", env, http=True))
+                stack.apis.append(await stack.service(f"api-{number}", env, http=True))
             for service in stack.workers + stack.apis:
-                await service.database.open()
-                await service.temporal.open()
                 service.process.start()
             await asyncio.gather(*(s.ready() for s in stack.workers + stack.apis))
             stack.shop = ShopClient([api.url for api in stack.apis], prefix=stack.prefix)
@@ -96,8 +96,8 @@ class System:
                 await stack.shop.aclose()
             for service in stack.services:
                 await service.process.kill()
-                await service.database.close()
-                await service.temporal.close()
+                await service.database.aclose()
+                await service.temporal.aclose()
             self.sinks.heal()
 
 
@@ -126,15 +126,18 @@ class Stack:
         assert self.shop is not None
         return self.shop
 
-    def database_links(self) -> list[Link]:
+    def database_links(self) -> list[TcpProxy]:
         return [service.database for service in self.services]
 
-    def temporal_links(self) -> list[Link]:
+    def temporal_links(self) -> list[TcpProxy]:
         return [service.temporal for service in self.services]
 
-    def service(self, name: str, env: dict[str, object], *, http: bool) -> Service:
-        database = Link(f"{name}->postgresql", self._database_port(), free_port())
-        temporal = Link(f"{name}->temporal", self.system.temporal.port, free_port())
+    async def service(self, name: str, env: dict[str, object], *, http: bool) -> Service:
+        """A process (not started yet) with its links to PostgreSQL and Temporal open."""
+        database = TcpProxy("127.0.0.1", self._database_port())
+        temporal = TcpProxy("127.0.0.1", self.system.temporal.port)
+        await database.start()
+        await temporal.start()
         url = make_url(self.system.database_url).set(host="127.0.0.1", port=database.port)
         settings = Settings(
             DATABASE_URL=url.render_as_string(hide_password=False),
@@ -155,10 +158,8 @@ class Stack:
 
     async def add_api(self, name: str, **env: object) -> Service:
         """One more API process beside the scenario's two, with settings of its own."""
-        api = self.service(name, {**self.env, **env}, http=True)
+        api = await self.service(name, {**self.env, **env}, http=True)
         self.extra.append(api)
-        await api.database.open()
-        await api.temporal.open()
         api.process.start()
         await api.ready()
         return api
@@ -167,15 +168,14 @@ class Stack:
         port = make_url(self.system.database_url).port
         return int(port or 5432)
 
-    async def cut(self, links: list[Link], seconds: float) -> None:
+    async def cut(self, links: list[TcpProxy], seconds: float) -> None:
         """Cuts the links for `seconds` (a fault's duration, not a wait for a condition)."""
-        for link in links:
-            await link.cut()
+        await asyncio.gather(*(link.cut() for link in links))
         try:
             await asyncio.sleep(seconds)
         finally:
             for link in links:
-                await link.open()
+                await link.restore()
 
     async def finish(
         self,

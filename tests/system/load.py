@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from tests.support import order_body
+from tests.support import order_body, wait_until
 
 # Answers after which the same request, with the same key, is sent again.
 RETRIED_STATUSES = frozenset({409, 500, 502, 503, 504})
@@ -104,7 +104,7 @@ class Client:
         count: int,
         per_second: float,
         *,
-        body: Callable[[int], dict[str, Any]] | None = None,
+        body: Callable[[int], dict[str, Any] | None] | None = None,
     ) -> list[Placed]:
         """`count` orders, paced at `per_second`, each settled concurrently."""
         started = time.monotonic()
@@ -114,6 +114,10 @@ class Client:
             await asyncio.sleep(max(0.0, started + n / per_second - time.monotonic()))
             tasks.append(asyncio.create_task(self.place(body(n) if body else None)))
         return list(await asyncio.gather(*tasks))
+
+    async def sent(self, count: int) -> None:
+        """Until the stream has sent `count` orders (where a scenario injects its fault)."""
+        await wait_until(lambda: len(self.placed) >= count, within=300, message=f"{count} sent")
 
     def statuses(self) -> Counter[int]:
         return Counter(answer.status for placed in self.placed for answer in placed.answers)

@@ -17,7 +17,7 @@ from temporalio.client import Client
 from core.contracts import ORDER_STATUS_ATTRIBUTE
 from tests.conftest import ROOT, free_port, installed_binary
 from tests.support import wait_until
-from tests.system.proxy import Link
+from tests.tcp_proxy import TcpProxy
 
 STARTUP_SECONDS = 90.0
 
@@ -141,8 +141,8 @@ class Service:
     """A worker or an API process, with its own links to PostgreSQL and to Temporal."""
 
     process: Process
-    database: Link
-    temporal: Link
+    database: TcpProxy
+    temporal: TcpProxy
     http_port: int | None = None
 
     @property

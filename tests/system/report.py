@@ -5,7 +5,6 @@ table of docs/reliability.md, between its markers. `make test-system` runs it af
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +44,7 @@ def render(results: dict[str, dict[str, Any]]) -> str:
             f"{result['drain_seconds']} s | {result['recorded_at']} |"
         )
     lines += ["", "Details of the same run:", ""]
-    for number, name, title in SCENARIOS:
+    for number, name, _title in SCENARIOS:
         result = results.get(name)
         if result is None:
             continue
@@ -80,8 +79,9 @@ def main() -> int:
         result = json.loads(path.read_text())
         results[result["scenario"]] = result
     if not results:
-        print(f"no system suite results in {RESULTS}; run `make test-system`", file=sys.stderr)
-        return 1
+        # The suite was skipped (no PostgreSQL) or selected nothing: the last table stays.
+        print(f"no system suite results in {RESULTS}; docs/reliability.md left as it was")
+        return 0
     doc = DOC.read_text()
     head, _, rest = doc.partition(START)
     _, _, tail = rest.partition(END)

@@ -50,7 +50,7 @@ async def test_workers_killed_mid_stream(system: System) -> None:
     the SMTP server and the warehouse slowed so that attempts are in flight at each kill."""
     count, kills = int(size("STREAM_ORDERS", 300)), 3
     rng = random.Random(int(size("SEED", time.time())))
-    async with system.stack("workers_killed", **KILLED_ATTEMPTS_ENV) as stack:
+    async with system.stack("workers_killed", KILLED_ATTEMPTS_ENV) as stack:
         system.sinks.slow(250)
         shop = stack.client
         stream = asyncio.create_task(shop.stream(count, per_second=size("STREAM_RATE", 15)))
@@ -61,7 +61,7 @@ async def test_workers_killed_mid_stream(system: System) -> None:
         ]
         victims = []
         for point in points:
-            await wait_until(lambda p=point: len(shop.placed) >= p, within=120, message="stream")
+            await shop.sent(point)
             victim = rng.choice(stack.workers)
             victims.append(f"{victim.name} at order {point}")
             await victim.restart()
@@ -85,7 +85,7 @@ async def test_temporal_server_killed_and_restarted(system: System) -> None:
     async with system.stack("temporal_killed") as stack:
         shop = stack.client
         stream = asyncio.create_task(shop.stream(count, per_second=15))
-        await wait_until(lambda: len(shop.placed) >= count // 3, within=120, message="stream")
+        await shop.sent(count // 3)
         down = time.monotonic()
         await system.temporal.process.kill()
         system.temporal.process.start()
@@ -185,7 +185,7 @@ async def test_warehouse_outage_within_the_budget(system: System) -> None:
     """The warehouse answers 503 for the outage while the orders arrive, then recovers: with a
     time budget longer than the outage nothing is dead-lettered, and the retries are spread."""
     count, outage = int(size("OUTAGE_ORDERS", 500)), size("OUTAGE_SECONDS", 30)
-    async with system.stack("warehouse_outage", **outage_env(outage)) as stack:
+    async with system.stack("warehouse_outage", outage_env(outage)) as stack:
         shop = stack.client
         system.sinks.warehouse.faults.configure(fail_rate=1.0, status=503)
         began = time.time()
@@ -239,7 +239,7 @@ async def test_warehouse_outage_longer_than_the_budget(system: System) -> None:
     count, outage = int(size("BUDGET_ORDERS", 200)), size("OUTAGE_SECONDS", 30)
     budget, rate = outage / 3, size("REDRIVE_RATE", 20)
     env = outage_env(outage, STEP_TOTAL_TIMEOUT_SECONDS=budget)
-    async with system.stack("warehouse_outage_over_budget", **env) as stack:
+    async with system.stack("warehouse_outage_over_budget", env) as stack:
         shop = stack.client
         system.sinks.warehouse.faults.configure(fail_rate=1.0, status=503)
         stream = asyncio.create_task(shop.stream(count, per_second=count / outage))
@@ -346,11 +346,11 @@ async def test_database_and_temporal_links_cut(system: System) -> None:
     async with system.stack("links_cut") as stack:
         shop = stack.client
         stream = asyncio.create_task(shop.stream(count, per_second=10))
-        await wait_until(lambda: len(shop.placed) >= count // 4, within=120, message="stream")
+        await shop.sent(count // 4)
         cut_at = time.time()
         await stack.cut(stack.database_links(), database_cut)
         restored_at = time.time()
-        await wait_until(lambda: len(shop.placed) >= count * 3 // 5, within=120, message="stream")
+        await shop.sent(count * 3 // 5)
         await stack.cut(stack.temporal_links(), temporal_cut)
         await stream
         drain_from = time.monotonic()
@@ -388,13 +388,13 @@ async def test_worker_link_to_temporal_cut(system: System) -> None:
     slowed, so its attempts are in flight); the other worker takes over what times out, and the
     cut-off one takes work again once the link is back."""
     count, cut = int(size("WORKER_CUT_ORDERS", 80)), size("WORKER_CUT_SECONDS", 30)
-    async with system.stack("worker_link_cut", **KILLED_ATTEMPTS_ENV) as stack:
+    async with system.stack("worker_link_cut", KILLED_ATTEMPTS_ENV) as stack:
         system.sinks.slow(1000)
         shop = stack.client
         isolated = stack.workers[0]
         identity = f"{isolated.process.pid}@{socket.gethostname()}"
         stream = asyncio.create_task(shop.stream(count, per_second=10))
-        await wait_until(lambda: len(shop.placed) >= count // 3, within=120, message="stream")
+        await shop.sent(count // 3)
         held = await activities_held(system, shop.accepted().values(), identity)
         await stack.cut([isolated.temporal], cut)
         assert isolated.process.running, isolated.process.output()[-3000:]
