@@ -45,6 +45,10 @@ SUITE_ENV: dict[str, object] = {
     "OUTBOX_GRACE_SECONDS": 1,
     "OUTBOX_SWEEP_INTERVAL_SECONDS": 0.5,
     "IDEMPOTENCY_LEASE_SECONDS": 10,
+    # Six connections (plus six on demand) per process instead of ten plus ten: four processes
+    # at the shipped pools could take 80 of PostgreSQL's default 100, which the machine shares.
+    "DATABASE_POOL_SIZE": 6,
+    "DATABASE_MAX_OVERFLOW": 6,
     "WORKER_GRACEFUL_SHUTDOWN_SECONDS": 2,
 }
 
