@@ -210,6 +210,8 @@ class Stack:
         figures.drain_seconds = round(drained, 1)
         figures.answers = {str(k): v for k, v in sorted(self.client.statuses().items())}
         figures.extra = extra or {}
+        if errors := self.client.transport_errors():
+            figures.extra["no_answer_because"] = dict(errors)
         self._described = (injected, checked)
         self.record(figures)
         return figures

@@ -26,8 +26,9 @@ DEFAULT_RETRY_PAUSE = 0.25
 class Answer:
     at: float
     api: str
-    status: int  # 0: no HTTP answer (connection refused or dropped)
+    status: int  # 0: no HTTP answer (connection refused or dropped, or a timeout)
     retry_after: str | None
+    error: str | None = None  # why there was no answer
 
 
 @dataclass
@@ -92,8 +93,8 @@ class Client:
             response = await self._http.post(
                 f"{url}/orders", json=placed.body, headers={"Idempotency-Key": placed.key}
             )
-        except httpx.TransportError:
-            return Answer(time.time(), url, 0, None), None
+        except httpx.TransportError as failure:
+            return Answer(time.time(), url, 0, None, type(failure).__name__), None
         return (
             Answer(time.time(), url, response.status_code, response.headers.get("Retry-After")),
             response,
@@ -121,6 +122,12 @@ class Client:
 
     def statuses(self) -> Counter[int]:
         return Counter(answer.status for placed in self.placed for answer in placed.answers)
+
+    def transport_errors(self) -> Counter[str]:
+        """Why requests got no HTTP answer (connection refused, reset, read timeout...)."""
+        return Counter(
+            answer.error for placed in self.placed for answer in placed.answers if answer.error
+        )
 
     def accepted(self) -> dict[str, str]:
         """Key -> order ID for every order the API accepted."""

@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import uvicorn
 from aiosmtpd.controller import Controller
@@ -51,26 +52,45 @@ class PoisonAwareWarehouse(WarehouseReceiver):
         )
 
 
+class SlowToAcceptMail(MailSink):
+    """The dev SMTP sink, optionally slow before it accepts a recipient (as a server checking
+    the address is): a client that dies meanwhile never sends the message, so an effect in
+    flight at a kill is really not delivered yet. (The sink's own latency comes after DATA,
+    when the message has already arrived.)"""
+
+    rcpt_delay_seconds = 0.0
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: Any
+    ) -> str:
+        if self.rcpt_delay_seconds:
+            await asyncio.sleep(self.rcpt_delay_seconds)
+        return await super().handle_RCPT(server, session, envelope, address, rcpt_options)
+
+
 @dataclass
 class Sinks:
-    mail: MailSink
+    mail: SlowToAcceptMail
     smtp_port: int
     warehouse: PoisonAwareWarehouse
     warehouse_url: str
 
     def heal(self) -> None:
         self.mail.faults.reset()
+        self.mail.rcpt_delay_seconds = 0.0
         self.warehouse.faults.reset()
         self.warehouse.poison_skus.clear()
 
     def slow(self, milliseconds: int) -> None:
-        self.mail.faults.configure(latency_ms=milliseconds)
+        """Both downstreams take this long: the SMTP server before it accepts the recipient,
+        the warehouse before it answers."""
+        self.mail.rcpt_delay_seconds = milliseconds / 1000
         self.warehouse.faults.configure(latency_ms=milliseconds)
 
 
 @asynccontextmanager
 async def running_sinks() -> AsyncIterator[Sinks]:
-    mail = MailSink()
+    mail = SlowToAcceptMail()
     smtp_port = free_port()
     # aiosmtpd serves from a thread of its own, so a busy test loop does not slow the SMTP side.
     controller = Controller(mail, hostname="127.0.0.1", port=smtp_port)

@@ -206,7 +206,7 @@ async def test_warehouse_outage_within_the_budget(system: System) -> None:
         times = warehouse_times(system, set(shop.accepted().values()))
         attempts = sorted(at for each in times.values() for at in each)
         gaps = [b - a for each in times.values() for a, b in itertools.pairwise(each)]
-        figures.extra = {
+        figures.extra |= {
             "outage_seconds": outage,
             "healed_after_seconds": round(healed - began, 1),
             "histogram_bucket_seconds": 2,
@@ -281,7 +281,7 @@ async def test_warehouse_outage_longer_than_the_budget(system: System) -> None:
             min(at for at in times if at >= redrive_began)
             for times in warehouse_times(system, {letter.order_id for letter in letters}).values()
         )
-        figures.extra = {
+        figures.extra |= {
             "dead_lettered_in_outage": len(letters),
             "dead_letter_error_types": error_types,
             "redrive_per_second": rate,
