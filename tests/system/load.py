@@ -45,13 +45,14 @@ class Client:
 
     urls: Sequence[str]
     prefix: str
-    give_up_after: float = 120.0
+    # Generous: on a saturated machine one request can wait out several pool timeouts.
+    give_up_after: float = 300.0
     placed: list[Placed] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._turn = itertools.count()
         self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(30.0), limits=httpx.Limits(max_connections=200)
+            timeout=httpx.Timeout(60.0), limits=httpx.Limits(max_connections=200)
         )
 
     async def aclose(self) -> None:

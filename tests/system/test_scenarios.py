@@ -190,14 +190,14 @@ async def test_warehouse_outage_within_the_budget(system: System) -> None:
         shop = stack.client
         system.sinks.warehouse.faults.configure(fail_rate=1.0, status=503)
         began = time.time()
-        stream = asyncio.create_task(shop.stream(count, per_second=count / (outage / 2)))
+        stream = asyncio.create_task(shop.stream(count, per_second=count / outage))
         await asyncio.sleep(outage)  # the outage's length, a fault, not a wait for a condition
         system.sinks.warehouse.faults.reset()
         healed = time.time()
         await stream
         drain_from = time.monotonic()
         figures = await stack.finish(
-            injected=f"{count} orders in the first half of a {outage:g} s warehouse outage "
+            injected=f"{count} orders during a {outage:g} s warehouse outage "
             "(503 to every call), then recovery; time budget 900 s",
             checked="invariants; no dead letter; retries spread (histogram)",
             repeats_allowed=False,
@@ -381,8 +381,12 @@ async def test_database_and_temporal_links_cut(system: System) -> None:
     assert figures.orders == count
     assert figures.dead_letters == 0
     assert during_cut, "no request met the database cut"
+    # Status 0 is a request that got no HTTP answer at all (its reason is in the figures); the
+    # client retried it like any other. What the API answered must be 503 + Retry-After.
     refused = [
-        (a.status, a.retry_after) for a in during_cut if a.status != 503 or not a.retry_after
+        (a.status, a.retry_after)
+        for a in during_cut
+        if a.status and (a.status != 503 or not a.retry_after)
     ]
     assert not refused, f"answers other than 503 + Retry-After during the cut: {refused[:10]}"
 
