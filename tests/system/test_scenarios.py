@@ -22,6 +22,7 @@ from tests.system.checks import orders_by_key, started_by, wait_until_settled
 from tests.system.conftest import KILLED_ATTEMPTS_ENV, System, size
 from tests.system.load import Client as ShopClient
 from tests.system.load import Placed
+from tests.system.processes import Service
 from tests.system.sinks import POISON_SKU
 from tests.worker_processes import workflow_task_identities
 
@@ -63,8 +64,16 @@ async def test_workers_killed_mid_stream(system: System) -> None:
         victims = []
         for point in points:
             await shop.sent(point)
-            victim = rng.choice(stack.workers)
-            victims.append(f"{victim.name} at order {point}")
+            # The worker running the most activity tasks right now (a random one if none is
+            # seen, as with local-first steps): a kill of an idle worker would prove little.
+            recent = list(shop.accepted().values())[-40:]
+            busy = [
+                (await activities_held(system, recent, identity_of(worker)), rng.random(), n)
+                for n, worker in enumerate(stack.workers)
+            ]
+            held, _, chosen = max(busy)
+            victim = stack.workers[chosen]
+            victims.append(f"{victim.name} at order {point} running {held} activity tasks")
             await victim.restart()
         await stream
         drain_from = time.monotonic()
@@ -400,7 +409,7 @@ async def test_worker_link_to_temporal_cut(system: System) -> None:
         system.sinks.slow(1000)
         shop = stack.client
         isolated = stack.workers[0]
-        identity = f"{isolated.process.pid}@{socket.gethostname()}"
+        identity = identity_of(isolated)
         stream = asyncio.create_task(shop.stream(count, per_second=10))
         await shop.sent(count // 3)
         held = await holding(system, shop, identity)
@@ -444,6 +453,11 @@ async def holding(system: System, shop: ShopClient, identity: str) -> int:
     except AssertionError:
         return 0
     return held
+
+
+def identity_of(worker: Service) -> str:
+    """The SDK's default worker identity, which Temporal records on every task it hands out."""
+    return f"{worker.process.pid}@{socket.gethostname()}"
 
 
 async def activities_held(system: System, order_ids: Iterable[str], identity: str) -> int:
