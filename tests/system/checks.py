@@ -18,6 +18,8 @@ from core.ledger import effect_key
 from core.models import (
     DeadLetter,
     DeadLetterStatus,
+    IdempotencyKey,
+    KeyState,
     Order,
     OrderStatus,
     OrderStep,
@@ -157,6 +159,22 @@ async def check_orders(
             letters += (
                 await session.scalars(select(DeadLetter).where(DeadLetter.order_id.in_(chunk)))
             ).all()
+    async with sessions() as session:
+        stored = {
+            key.key: key
+            for key in await session.scalars(
+                select(IdempotencyKey).where(IdempotencyKey.key.like(f"{prefix}-%"))
+            )
+        }
+    # The key's stored answer is what every later request with it is told: the same order.
+    unanswered = [
+        order.idempotency_key
+        for order in orders
+        if (held := stored.get(order.idempotency_key)) is None
+        or (held.state, held.response_status, held.order_id) != (KeyState.COMPLETED, 202, order.id)
+    ]
+    if unanswered:
+        problems.append(f"keys without a stored 202 naming their order: {unanswered[:5]}")
     if any(n != 1 for n in charges.values()) or set(charges) != set(by_key):
         problems.append(
             f"charges per key not one each: {dict(Counter(charges.values()))}, "

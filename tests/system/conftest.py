@@ -14,6 +14,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -196,9 +197,8 @@ class Stack:
         `accepted` adds orders the client never heard were accepted (its request died)."""
         accepted = {**self.client.accepted(), **(accepted or {})}
         started = drain_from if drain_from is not None else time.monotonic()
-        await wait_until_settled(self.system.sessions, self.prefix, len(accepted), within)
-        drained = time.monotonic() - started
-        figures = await check_orders(
+        check = partial(
+            check_orders,
             sessions=self.system.sessions,
             temporal=self.system.client,
             sinks=self.system.sinks,
@@ -207,6 +207,17 @@ class Stack:
             accepted=accepted,
             repeats_allowed=repeats_allowed,
         )
+        try:
+            await wait_until_settled(self.system.sessions, self.prefix, len(accepted), within)
+        except AssertionError as unsettled:
+            # Say what is wrong with the orders that never settled, not only that they did not.
+            try:
+                await check()
+            except AssertionError as problems:
+                raise AssertionError(f"{unsettled}\n{problems}") from None
+            raise
+        drained = time.monotonic() - started
+        figures = await check()
         figures.drain_seconds = round(drained, 1)
         figures.answers = {str(k): v for k, v in sorted(self.client.statuses().items())}
         figures.extra = extra or {}
