@@ -12,7 +12,7 @@ export ORDERFLOW_DATA_DIR ?= .data
 export DATABASE_URL ?= sqlite+aiosqlite:///$(ORDERFLOW_DATA_DIR)/orderflow.db
 export ORDERFLOW_ENV ?= dev
 
-.PHONY: run test test-sqlite test-postgres test-fast test-slow test-fuzz lint format migrate bench clean
+.PHONY: run test test-sqlite test-postgres test-system test-fast test-slow test-fuzz lint format migrate bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,10 +47,12 @@ lint: $(VENV)/.installed-test $(VENV)/.installed-bench
 	$(BIN)/mypy .
 
 # Lint once, then the whole suite on SQLite, then again on PostgreSQL when TEST_DATABASE_URL names a
-# server (.ci/run sets it; each run creates and drops a database of its own there).
+# server (.ci/run sets it; each run creates and drops a database of its own there), then the
+# system suite once.
 test: $(VENV)/.installed-test lint
 	$(MAKE) --no-print-directory test-sqlite
 	if [ -n "$${TEST_DATABASE_URL:-}" ]; then $(MAKE) --no-print-directory test-postgres; fi
+	$(MAKE) --no-print-directory test-system
 
 test-sqlite: $(VENV)/.installed-test
 	env -u TEST_DATABASE_URL PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest
@@ -60,8 +62,17 @@ test-postgres: $(VENV)/.installed-test
 	  { echo "set TEST_DATABASE_URL, e.g. postgresql+asyncpg://postgres@127.0.0.1:5432/test"; exit 2; }
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest
 
+# The system suite (tests/system, about ten minutes on 2 cores): real worker, API and Temporal
+# processes under compound faults, on a database it creates on the PostgreSQL server that
+# TEST_DATABASE_URL names (default 127.0.0.1:5432) and drops afterwards; skipped, saying so, when
+# that server is unreachable. Its figures are rendered into docs/reliability.md. Sizes can be
+# changed with SYSTEM_* variables (tests/system/test_scenarios.py).
+test-system: $(VENV)/.installed-test
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -m system tests/system -p no:cacheprovider
+	$(BIN)/python -m tests.system.report
+
 test-fast: $(VENV)/.installed-test
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -m "not slow"
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -m "not slow and not system"
 
 test-slow: $(VENV)/.installed-test
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -m slow

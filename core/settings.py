@@ -96,6 +96,11 @@ class Settings(BaseSettings):
     # The worker's Prometheus endpoint (the SDK's metrics and ours); empty turns it off.
     WORKER_METRICS_ADDRESS: str = "127.0.0.1:9464"
 
+    # A fault point for the system suite (tests/system), inert unless set: the API process exits
+    # at once (os._exit, no cleanup) right after it has committed an order and before it starts
+    # the workflow, as a process killed at that moment would. Refused in production.
+    FAULT_EXIT_AFTER_ORDER_COMMIT: bool = False
+
     @field_validator("API_KEYS", "ADMIN_API_KEYS", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
@@ -109,6 +114,8 @@ class Settings(BaseSettings):
         secret = self.WEBHOOK_SIGNING_SECRET
         if self.ORDERFLOW_ENV == "production" and (secret is None or not secret.get_secret_value()):
             raise ValueError("WEBHOOK_SIGNING_SECRET is required when ORDERFLOW_ENV=production")
+        if self.ORDERFLOW_ENV == "production" and self.FAULT_EXIT_AFTER_ORDER_COMMIT:
+            raise ValueError("FAULT_EXIT_AFTER_ORDER_COMMIT is a test fault; never in production")
         return self
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Path
@@ -67,6 +68,7 @@ async def place_order(
     order: OrderIn,
     intake: IntakeDep,
     dispatcher: DispatcherDep,
+    settings: SettingsDep,
     idempotency_key: Annotated[
         str | None, Header(alias="Idempotency-Key", examples=["checkout-8f3a2c-attempt-1"])
     ] = None,
@@ -74,6 +76,10 @@ async def place_order(
     """Charge the card, record the order and hand its follow-ups to a workflow."""
     outcome = await intake.place(_checked_key(idempotency_key), order)
     if outcome.new_order_id is not None:
+        if settings.FAULT_EXIT_AFTER_ORDER_COMMIT:
+            # The system suite's fault point: the order and its outbox entry are committed, the
+            # workflow is not started, and the process dies as if killed (no cleanup, no answer).
+            os._exit(70)
         await dispatcher.submit(outcome.new_order_id)
     return JSONResponse(outcome.body, status_code=outcome.status_code, headers=outcome.headers)
 

@@ -1,0 +1,273 @@
+"""The system suite's set-up: one PostgreSQL database (created on the machine's server, dropped
+afterwards), one Temporal dev server on a database file, the SMTP sink and the warehouse
+receiver, all for the session; per scenario, a fresh task queue with two worker processes and
+two API processes, each on links of its own to PostgreSQL and Temporal."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import make_url
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from temporalio.client import Client
+
+from core.db import create_engine, create_sessionmaker
+from core.settings import Settings
+from tests.conftest import ROOT, _admin_sql, _migrate, free_port
+from tests.system.checks import Figures, check_orders, wait_until_settled
+from tests.system.load import Client as ShopClient
+from tests.system.processes import Process, Service, TemporalServer, api_command, worker_command
+from tests.system.sinks import Sinks, running_sinks
+from tests.tcp_proxy import TcpProxy
+from tests.worker_processes import worker_environment
+
+RESULTS = ROOT / "test-output" / "system"
+SERVER_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
+# What every scenario's processes run with unless it says otherwise: failed attempts are retried
+# within seconds and the sweeper looks often, so a scenario drains in its time slot. (A scenario
+# that kills attempts shortens STEP_ATTEMPT_TIMEOUT_SECONDS, so the dead ones are retried soon.)
+KILLED_ATTEMPTS_ENV: dict[str, object] = {"STEP_ATTEMPT_TIMEOUT_SECONDS": 5}
+SUITE_ENV: dict[str, object] = {
+    "RETRY_MAX_ATTEMPTS": 10,
+    "RETRY_INITIAL_INTERVAL_SECONDS": 0.5,
+    "RETRY_MAX_INTERVAL_SECONDS": 2,
+    "OUTBOX_GRACE_SECONDS": 1,
+    "OUTBOX_SWEEP_INTERVAL_SECONDS": 0.5,
+    "IDEMPOTENCY_LEASE_SECONDS": 10,
+    # Six connections (plus six on demand) per process instead of ten plus ten: four processes
+    # at the shipped pools could take 80 of PostgreSQL's default 100, which the machine shares.
+    "DATABASE_POOL_SIZE": 6,
+    "DATABASE_MAX_OVERFLOW": 6,
+    "WORKER_GRACEFUL_SHUTDOWN_SECONDS": 2,
+}
+
+
+def size(name: str, default: float) -> float:
+    """A scenario size, overridable from the environment (SYSTEM_<NAME>)."""
+    return float(os.environ.get(f"SYSTEM_{name}", default))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if Path(str(item.fspath)).is_relative_to(here):
+            item.add_marker(pytest.mark.system)
+
+
+@dataclass
+class System:
+    """What the scenarios share: the database, the Temporal server, the downstreams."""
+
+    database_url: str
+    sessions: async_sessionmaker[AsyncSession]
+    temporal: TemporalServer
+    client: Client
+    sinks: Sinks
+    logs: Path
+
+    @asynccontextmanager
+    async def stack(
+        self, name: str, env: dict[str, object] | None = None, *, workers: int = 2, apis: int = 2
+    ) -> AsyncIterator[Stack]:
+        """A scenario's processes on a fresh task queue, with `env` over SUITE_ENV; all killed
+        at the end."""
+        env = env or {}
+        self.sinks.heal()
+        stack = Stack(self, name, f"system-{name}-{uuid.uuid4().hex[:8]}", env)
+        try:
+            for number in range(workers):
+                stack.workers.append(await stack.service(f"worker-{number}", env, http=False))
+            for number in range(apis):
+                stack.apis.append(await stack.service(f"api-{number}", env, http=True))
+            for service in stack.workers + stack.apis:
+                service.process.start()
+            await asyncio.gather(*(s.ready() for s in stack.workers + stack.apis))
+            stack.shop = ShopClient([api.url for api in stack.apis], prefix=stack.prefix)
+            yield stack
+        finally:
+            if stack.shop is not None:
+                await stack.shop.aclose()
+            for service in stack.services:
+                await service.process.kill()
+                await service.database.aclose()
+                await service.temporal.aclose()
+            self.sinks.heal()
+
+
+@dataclass
+class Stack:
+    system: System
+    name: str
+    task_queue: str
+    env: dict[str, object]
+    workers: list[Service] = field(default_factory=list)
+    apis: list[Service] = field(default_factory=list)
+    extra: list[Service] = field(default_factory=list)
+    shop: ShopClient | None = None
+    _described: tuple[str, str] = ("", "")
+
+    @property
+    def prefix(self) -> str:
+        return self.task_queue
+
+    @property
+    def services(self) -> list[Service]:
+        return self.workers + self.apis + self.extra
+
+    @property
+    def client(self) -> ShopClient:
+        assert self.shop is not None
+        return self.shop
+
+    def database_links(self) -> list[TcpProxy]:
+        return [service.database for service in self.services]
+
+    def temporal_links(self) -> list[TcpProxy]:
+        return [service.temporal for service in self.services]
+
+    async def service(self, name: str, env: dict[str, object], *, http: bool) -> Service:
+        """A process (not started yet) with its links to PostgreSQL and Temporal open."""
+        database = TcpProxy("127.0.0.1", self._database_port())
+        temporal = TcpProxy("127.0.0.1", self.system.temporal.port)
+        await database.start()
+        await temporal.start()
+        url = make_url(self.system.database_url).set(host="127.0.0.1", port=database.port)
+        settings = Settings(
+            DATABASE_URL=url.render_as_string(hide_password=False),
+            TEMPORAL_ADDRESS=temporal.address,
+            TEMPORAL_TASK_QUEUE=self.task_queue,
+            SMTP_HOST="127.0.0.1",
+            SMTP_PORT=self.system.sinks.smtp_port,
+            WAREHOUSE_WEBHOOK_URL=self.system.sinks.warehouse_url,
+        )
+        port = free_port() if http else None
+        environment = worker_environment(
+            settings,
+            **{**SUITE_ENV, "WORKER_METRICS_ADDRESS": f"127.0.0.1:{free_port()}", **env},
+        )
+        log = self.system.logs / f"{self.name}-{name}.log"
+        command = api_command(port) if port is not None else worker_command()
+        return Service(Process(name, command, environment, log), database, temporal, port)
+
+    async def add_api(self, name: str, **env: object) -> Service:
+        """One more API process beside the scenario's two, with settings of its own."""
+        api = await self.service(name, {**self.env, **env}, http=True)
+        self.extra.append(api)
+        api.process.start()
+        await api.ready()
+        return api
+
+    def _database_port(self) -> int:
+        port = make_url(self.system.database_url).port
+        return int(port or 5432)
+
+    async def cut(self, links: list[TcpProxy], seconds: float) -> None:
+        """Cuts the links for `seconds` (a fault's duration, not a wait for a condition)."""
+        await asyncio.gather(*(link.cut() for link in links))
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            for link in links:
+                await link.restore()
+
+    async def finish(
+        self,
+        *,
+        injected: str,
+        checked: str,
+        repeats_allowed: bool,
+        drain_from: float | None = None,
+        within: float = 180.0,
+        extra: dict[str, Any] | None = None,
+        accepted: dict[str, str] | None = None,
+    ) -> Figures:
+        """Waits until every order is settled, checks them all and records the figures.
+        `accepted` adds orders the client never heard were accepted (its request died)."""
+        accepted = {**self.client.accepted(), **(accepted or {})}
+        started = drain_from if drain_from is not None else time.monotonic()
+        check = partial(
+            check_orders,
+            sessions=self.system.sessions,
+            temporal=self.system.client,
+            sinks=self.system.sinks,
+            task_queue=self.task_queue,
+            prefix=self.prefix,
+            accepted=accepted,
+            repeats_allowed=repeats_allowed,
+        )
+        try:
+            await wait_until_settled(self.system.sessions, self.prefix, len(accepted), within)
+        except AssertionError as unsettled:
+            # Say what is wrong with the orders that never settled, not only that they did not.
+            try:
+                await check()
+            except AssertionError as problems:
+                raise AssertionError(f"{unsettled}\n{problems}") from None
+            raise
+        drained = time.monotonic() - started
+        figures = await check()
+        figures.drain_seconds = round(drained, 1)
+        figures.answers = {str(k): v for k, v in sorted(self.client.statuses().items())}
+        figures.extra = extra or {}
+        if errors := self.client.transport_errors():
+            figures.extra["no_answer_because"] = dict(errors)
+        self._described = (injected, checked)
+        self.record(figures)
+        return figures
+
+    def record(self, figures: Figures) -> None:
+        """Writes the scenario's figures (again, once a scenario has added to them)."""
+        record(self.name, *self._described, figures)
+
+
+def record(name: str, injected: str, checked: str, figures: Figures) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {"scenario": name, "injected": injected, "checked": checked, **asdict(figures)}
+    payload["recorded_at"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+
+
+async def _server_reachable(url: Any) -> bool:
+    try:
+        await asyncio.wait_for(_admin_sql(url, "SELECT 1"), 10)
+    except Exception:
+        return False
+    return True
+
+
+@pytest.fixture(scope="session")
+async def system() -> AsyncIterator[System]:
+    server = make_url(os.environ.get("TEST_DATABASE_URL") or SERVER_URL)
+    if not await _server_reachable(server):
+        pytest.skip(f"system suite skipped: PostgreSQL at {server.host}:{server.port} unreachable")
+    name = f"orderflow_system_{uuid.uuid4().hex[:12]}"
+    await _admin_sql(server, f'CREATE DATABASE "{name}"')
+    url = server.set(database=name).render_as_string(hide_password=False)
+    # The table renders this run alone: no figure of an earlier run stays behind.
+    shutil.rmtree(RESULTS, ignore_errors=True)
+    logs = RESULTS / "logs"
+    logs.mkdir(parents=True)
+    temporal = TemporalServer(logs / "temporal.db", logs / "temporal.log")
+    engine = create_engine(Settings(DATABASE_URL=url))
+    try:
+        await asyncio.to_thread(_migrate, url)
+        client = await temporal.start()
+        async with running_sinks() as sinks:
+            yield System(url, create_sessionmaker(engine), temporal, client, sinks, logs)
+    finally:
+        await engine.dispose()
+        await temporal.process.kill()
+        await _admin_sql(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        print(f"\nsystem suite logs: {logs}")
