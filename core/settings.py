@@ -46,7 +46,10 @@ class Settings(BaseSettings):
     API_KEYS: Annotated[list[SecretStr], NoDecode] = []
     ADMIN_API_KEYS: Annotated[list[SecretStr], NoDecode] = []
 
-    RETRY_MAX_ATTEMPTS: int = Field(default=5, ge=1)
+    # Enough that the time budget (STEP_TOTAL_TIMEOUT_SECONDS) is what ends a step in a real
+    # outage: 20 full-jitter waits under a 60 s cap average about 7 minutes, where 5 waited 15 s
+    # at most and dead-lettered every order that met a receiver down for longer.
+    RETRY_MAX_ATTEMPTS: int = Field(default=20, ge=1)
     RETRY_INITIAL_INTERVAL_SECONDS: float = Field(default=1.0, gt=0)
     RETRY_BACKOFF_COEFFICIENT: float = Field(default=2.0, ge=1.0)
     RETRY_MAX_INTERVAL_SECONDS: float = Field(default=60.0, gt=0)

@@ -17,6 +17,7 @@ from sqlalchemy import select
 from temporalio.api.enums.v1 import PendingActivityState
 
 from core.models import DeadLetter, DeadLetterStatus, OrderStep
+from core.settings import Settings
 from tests.support import order_body, wait_for_workflow_closed, wait_until
 from tests.system.checks import orders_by_key, started_by, wait_until_settled
 from tests.system.conftest import KILLED_ATTEMPTS_ENV, System, size
@@ -160,10 +161,10 @@ async def test_api_killed_between_commit_and_start(system: System) -> None:
 
 
 def outage_env(outage: float, **changes: object) -> dict[str, object]:
-    """The shipped retry schedule (1 s doubling), its cap scaled from a two-minute outage to
-    this one, and attempts that do not bind: the step's time budget decides."""
+    """The shipped retry schedule (1 s doubling) and the shipped attempts, its cap scaled from a
+    two-minute outage to this one."""
     return {
-        "RETRY_MAX_ATTEMPTS": 1000,
+        "RETRY_MAX_ATTEMPTS": Settings.model_fields["RETRY_MAX_ATTEMPTS"].default,
         "RETRY_INITIAL_INTERVAL_SECONDS": 1,
         "RETRY_BACKOFF_COEFFICIENT": 2,
         "RETRY_MAX_INTERVAL_SECONDS": max(2.0, 60 * outage / 120),
