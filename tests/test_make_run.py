@@ -222,15 +222,17 @@ async def test_make_run_refuses_a_taken_port_by_service_and_variable(tmp_path: P
 
 @pytest.mark.slow
 async def test_make_run_on_your_temporal_names_the_process_that_died(
-    tmp_path: Path, env: WorkflowEnvironment, database_url: str
+    tmp_path: Path, env: WorkflowEnvironment, own_database: str
 ) -> None:
+    # A database of its own: the stack's worker sweeps every unstarted outbox row it finds onto
+    # its queue, so in the session's database it would send other tests' receipts to its sink.
     data = tmp_path / "data"
     temporal = env.client.service_client.config.target_host
     stack_environment = stack_env(
         data,
         TEMPORAL_ADDRESS=temporal,
         TEMPORAL_TASK_QUEUE=f"orders-{os.urandom(6).hex()}",
-        DATABASE_URL=database_url,
+        DATABASE_URL=own_database,
     )
     sinks = f"http://127.0.0.1:{stack_environment['SINKS_HTTP_PORT']}"
     async with running(["bash", "scripts/run-dev.sh"], stack_environment) as stack:
