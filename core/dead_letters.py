@@ -164,9 +164,13 @@ class DeadLetterOperator:
         self._client = client
         self._command_timeout = command_timeout or COMMAND_TIMEOUT_SECONDS
 
-    async def retry(self, dead_letter_id: int) -> DeadLetter:
+    async def retry(self, dead_letter_id: int, *, update_id: str | None = None) -> DeadLetter:
+        """`update_id` names the update, so that sending it again (a bulk redrive's retried
+        send) is taken by Temporal as the same update rather than a second one."""
         letter = await self._open_letter(dead_letter_id)
-        await self._send(letter, "retry_step", RetryStepInput(letter.step, letter.id))
+        await self._send(
+            letter, "retry_step", RetryStepInput(letter.step, letter.id), update_id=update_id
+        )
         async with self._sessions.begin() as session:
             # The redrive's first attempt marks it too; whichever comes first wins, and a redrive
             # that already resolved the letter is left alone (the update only touches `open`).
@@ -246,13 +250,18 @@ class DeadLetterOperator:
         return described.status == WorkflowExecutionStatus.RUNNING
 
     async def _send(
-        self, letter: DeadLetter, update: str, argument: RetryStepInput | DiscardStepInput
+        self,
+        letter: DeadLetter,
+        update: str,
+        argument: RetryStepInput | DiscardStepInput,
+        *,
+        update_id: str | None = None,
     ) -> StepCommandResult:
         handle = self._client.get_workflow_handle(letter.workflow_id)
         try:
             async with asyncio.timeout(self._command_timeout):
                 result: StepCommandResult = await handle.execute_update(
-                    update, argument, result_type=StepCommandResult
+                    update, argument, id=update_id, result_type=StepCommandResult
                 )
             return result
         except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError) as silence:
