@@ -16,6 +16,7 @@ from pydantic import (
 )
 
 from api.limits import reject_card_data
+from core.models import Step
 
 
 def _storable(value: str) -> str:
@@ -201,3 +202,63 @@ class Readiness(BaseModel):
     ready: bool
     # "ok", or why the dependency is not: {"database": "ok", "temporal": "unreachable: ..."}.
     checks: dict[str, str]
+
+
+# --- bulk redrives -------------------------------------------------------------------------------
+
+# A redrive's filter rides in its workflow's history with every page it reads: kept short.
+MAX_REDRIVE_ORDER_IDS = 100
+RedriveState = Literal[
+    "listing", "sending", "paused", "waiting_for_outcomes", "finished", "cancelled"
+]
+OrderIdText = Annotated[str, StringConstraints(min_length=1, max_length=40), Storable]
+
+
+class RedriveIn(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"step": "notify_warehouse", "error_type": "WarehouseRejected", "per_second": 5}
+            ]
+        },
+    )
+
+    step: Step | None = None
+    error_type: Annotated[str, StringConstraints(max_length=200), Storable] | None = None
+    order_id: OrderIdText | None = None
+    order_ids: list[OrderIdText] = Field(default_factory=list, max_length=MAX_REDRIVE_ORDER_IDS)
+    per_second: float = Field(default=5.0, gt=0, le=100)
+    # The oldest `limit` letters that match; every match without it.
+    limit: int | None = Field(default=None, ge=1, le=MAX_DB_INT)
+
+
+class RedriveFilterOut(BaseModel):
+    step: str | None
+    error_type: str | None
+    order_ids: list[str]
+
+
+class RedriveStarted(BaseModel):
+    redrive_id: str
+    # Where its progress is (also the Location header).
+    progress_url: str
+    per_second: float
+    limit: int | None
+    filter: RedriveFilterOut
+
+
+class RedriveOut(BaseModel):
+    redrive_id: str
+    state: RedriveState
+    total: int
+    sent: int
+    resolved: int
+    failed_again: int
+    skipped: int
+    per_second: float
+    filter: RedriveFilterOut
+    started_at: datetime | None
+    finished_at: datetime | None
+    # The latest few letters skipped, each with why.
+    last_skips: list[str]

@@ -1,13 +1,17 @@
-"""The dead letters an operator reviews, retries and discards."""
+"""The dead letters an operator reviews, retries and discards, and the bulk redrives of them."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
+from datetime import UTC, datetime
+from functools import partial
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response
+from temporalio.client import Client
 
-from api.deps import SessionsDep, TemporalDep, require_admin_key
+from api.deps import SessionsDep, SettingsDep, TemporalDep, require_admin_key
 from api.errors import answers
 from api.limits import require_json
 from api.schemas import (
@@ -17,6 +21,10 @@ from api.schemas import (
     DeadLetterOut,
     DeadLetterPage,
     DiscardIn,
+    RedriveFilterOut,
+    RedriveIn,
+    RedriveOut,
+    RedriveStarted,
     StorableStr,
 )
 from core.dead_letters import (
@@ -29,6 +37,19 @@ from core.dead_letters import (
     list_dead_letters,
 )
 from core.models import DeadLetter, DeadLetterStatus, Step
+from core.redrives import (
+    REDRIVE_ID,
+    RedriveFilter,
+    RedriveNotFound,
+    RedriveProgress,
+    RedriveRefused,
+    RedriveUnconfirmed,
+    cancel_redrive,
+    pause_redrive,
+    redrive_progress,
+    resume_redrive,
+    start_redrive,
+)
 
 router = APIRouter(
     prefix="/dead-letters",
@@ -40,23 +61,6 @@ router = APIRouter(
 StatusFilter = Annotated[DeadLetterStatus | None, Query()]
 StepFilter = Annotated[Step | None, Query()]
 DeadLetterId = Annotated[DbId, Path()]
-
-
-class BulkRetryIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    step: Step | None = None
-    error_type: StorableStr | None = Field(default=None, max_length=200)
-    order_id: StorableStr | None = Field(default=None, max_length=40)
-    per_second: float = Field(default=5.0, gt=0, le=100)
-    limit: int = Field(default=100, ge=1, le=1000)
-
-
-class BulkRetryAccepted(BaseModel):
-    retried: list[int]
-    # Matching letters that could not be redriven, with the reason (e.g. their workflow closed).
-    rejected: dict[int, str]
-    elapsed_seconds: float
 
 
 def _accepted(letter: DeadLetter) -> DeadLetterCommandAccepted:
@@ -91,24 +95,89 @@ async def list_letters(
 @router.post(
     "/retry",
     status_code=202,
-    response_model=BulkRetryAccepted,
-    responses=answers(400, 413, 415),
+    response_model=RedriveStarted,
+    responses={
+        202: {"headers": {"Location": {"description": "the redrive's progress", "schema": {}}}},
+        **answers(400, 413, 415),
+    },
     dependencies=[Depends(require_json)],
 )
 async def retry_many(
-    body: BulkRetryIn, sessions: SessionsDep, temporal: TemporalDep
-) -> BulkRetryAccepted:
-    """Retry every open dead letter that matches, paced at `per_second`."""
-    outcome = await DeadLetterOperator(sessions, temporal).retry_matching(
-        DeadLetterFilter(step=body.step, error_type=body.error_type, order_id=body.order_id),
+    body: RedriveIn, response: Response, settings: SettingsDep, temporal: TemporalDep
+) -> RedriveStarted:
+    """Start a redrive of every open dead letter that matches (the oldest `limit`), paced at
+    `per_second`; it runs as a workflow, its progress is at the Location answered."""
+    where = RedriveFilter(
+        step=body.step,
+        error_type=body.error_type,
+        order_ids=sorted({*body.order_ids, *([body.order_id] if body.order_id else [])}),
+    )
+    redrive_id = await start_redrive(
+        temporal,
+        settings.TEMPORAL_TASK_QUEUE,
+        where,
         per_second=body.per_second,
         limit=body.limit,
     )
-    return BulkRetryAccepted(
-        retried=outcome.retried,
-        rejected=outcome.rejected,
-        elapsed_seconds=round(outcome.elapsed_seconds, 3),
+    progress_url = f"{router.prefix}/redrives/{redrive_id}"
+    response.headers["Location"] = progress_url
+    return RedriveStarted(
+        redrive_id=redrive_id,
+        progress_url=progress_url,
+        per_second=body.per_second,
+        limit=body.limit,
+        filter=RedriveFilterOut(**asdict(where)),
     )
+
+
+RedriveIdPath = Annotated[str, Path(pattern=REDRIVE_ID.pattern, max_length=60)]
+REDRIVE_ANSWERS = answers(404, 409, 504)
+
+
+async def _redrive_answer(
+    command: Callable[[Client, str], Awaitable[RedriveProgress]], temporal: Client, redrive_id: str
+) -> RedriveOut:
+    try:
+        progress = await command(temporal, redrive_id)
+    except RedriveNotFound as missing:
+        raise HTTPException(404, str(missing)) from missing
+    except RedriveRefused as refused:
+        raise HTTPException(409, str(refused)) from refused
+    except RedriveUnconfirmed as unconfirmed:
+        raise HTTPException(504, str(unconfirmed)) from unconfirmed
+    moment = partial(datetime.fromtimestamp, tz=UTC)
+    return RedriveOut(
+        **{
+            **asdict(progress),
+            "filter": RedriveFilterOut(**asdict(progress.filter)),
+            "started_at": moment(progress.started_at) if progress.started_at else None,
+            "finished_at": moment(progress.finished_at) if progress.finished_at else None,
+        }
+    )
+
+
+@router.get("/redrives/{redrive_id}", response_model=RedriveOut, responses=answers(404, 504))
+async def get_redrive(redrive_id: RedriveIdPath, temporal: TemporalDep) -> RedriveOut:
+    """A redrive's progress: total, sent, resolved, failed again, skipped."""
+    return await _redrive_answer(redrive_progress, temporal, redrive_id)
+
+
+@router.post("/redrives/{redrive_id}/pause", response_model=RedriveOut, responses=REDRIVE_ANSWERS)
+async def pause(redrive_id: RedriveIdPath, temporal: TemporalDep) -> RedriveOut:
+    """No more sends until resumed."""
+    return await _redrive_answer(pause_redrive, temporal, redrive_id)
+
+
+@router.post("/redrives/{redrive_id}/resume", response_model=RedriveOut, responses=REDRIVE_ANSWERS)
+async def resume(redrive_id: RedriveIdPath, temporal: TemporalDep) -> RedriveOut:
+    """Sends again, at the redrive's pace."""
+    return await _redrive_answer(resume_redrive, temporal, redrive_id)
+
+
+@router.post("/redrives/{redrive_id}/cancel", response_model=RedriveOut, responses=REDRIVE_ANSWERS)
+async def cancel(redrive_id: RedriveIdPath, temporal: TemporalDep) -> RedriveOut:
+    """Stops it for good; the letters not reached stay open."""
+    return await _redrive_answer(cancel_redrive, temporal, redrive_id)
 
 
 @router.get("/{dead_letter_id}", response_model=DeadLetterOut, responses=answers(404))
