@@ -3,6 +3,10 @@ parked order's workflow its `retry_step`, and reading how the redriven letters e
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from sqlalchemy import Select, func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio import activity
@@ -31,6 +35,23 @@ from core.redrives import (
 )
 
 CLOSED = (DeadLetterStatus.RESOLVED, DeadLetterStatus.DISCARDED)
+# A send heartbeats this often, so that one whose worker died is retried after the workflow's
+# heartbeat timeout rather than after its whole start-to-close timeout.
+HEARTBEAT_EVERY_SECONDS = 1.0
+
+
+@asynccontextmanager
+async def _heartbeating() -> AsyncIterator[None]:
+    async def beat() -> None:
+        while True:
+            activity.heartbeat()
+            await asyncio.sleep(HEARTBEAT_EVERY_SECONDS)
+
+    beating = asyncio.create_task(beat())
+    try:
+        yield
+    finally:
+        beating.cancel()
 
 
 def _open_matching(where: RedriveFilter, query: Select[DeadLetter]) -> Select[DeadLetter]:
@@ -90,14 +111,17 @@ class RedriveActivities:
         for its own update, since an attempt that died after sending leaves the letter
         `retrying` and would otherwise count as skipped."""
         update_id = retry_update_id(input.redrive_id, input.dead_letter_id)
-        if activity.info().attempt > 1 and await self._accepted(input.dead_letter_id, update_id):
-            return SendResult(sent=True)
-        try:
-            await DeadLetterOperator(self._sessions, self._client).retry(
-                input.dead_letter_id, update_id=update_id
-            )
-        except (CommandRejected, DeadLetterNotFound) as refused:
-            return SendResult(sent=False, reason=str(refused))
+        async with _heartbeating():
+            if activity.info().attempt > 1 and await self._accepted(
+                input.dead_letter_id, update_id
+            ):
+                return SendResult(sent=True)
+            try:
+                await DeadLetterOperator(self._sessions, self._client).retry(
+                    input.dead_letter_id, update_id=update_id
+                )
+            except (CommandRejected, DeadLetterNotFound) as refused:
+                return SendResult(sent=False, reason=str(refused))
         return SendResult(sent=True)
 
     @activity.defn(name="redrive_outcomes")

@@ -50,6 +50,9 @@ CONTINUE_AFTER_EVENTS = 4000
 # A query or update is answered by a worker; with none polling, the caller is told instead.
 ANSWER_TIMEOUT = timedelta(seconds=10)
 HEALTH_PROBE_SECONDS = 2.0
+# How the server says a query found no worker to answer it (a worker killed a moment ago still
+# holds the workflow's sticky queue until the server gives up on it).
+UNANSWERED = frozenset({RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.CANCELLED})
 
 
 @dataclass(frozen=True)
@@ -236,14 +239,14 @@ async def redrive_progress(client: Client, redrive_id: str) -> RedriveProgress:
                 PROGRESS_QUERY, result_type=RedriveProgress, rpc_timeout=ANSWER_TIMEOUT
             )
         return progress
-    except (TimeoutError, WorkflowQueryFailedError) as silence:
+    except (TimeoutError, WorkflowQueryFailedError, RPCError) as silence:
+        if isinstance(silence, RPCError) and silence.status not in UNANSWERED:
+            raise _translated(silence, redrive_id) from silence
         await _server_reachable(client, silence)
         raise RedriveUnconfirmed(
             f"no worker answered for redrive {redrive_id} within "
             f"{ANSWER_TIMEOUT.total_seconds():g} s: is a worker running?"
         ) from silence
-    except RPCError as failure:
-        raise _translated(failure, redrive_id) from failure
 
 
 async def pause_redrive(client: Client, redrive_id: str) -> RedriveProgress:

@@ -70,19 +70,22 @@ async def park_orders(stack: Stack, warehouse: WarehouseReceiver, count: int) ->
     return orders
 
 
-async def progress(api: httpx.AsyncClient, location: str) -> dict[str, Any]:
+async def progress(api: httpx.AsyncClient, location: str, *, unanswered: bool = False) -> Any:
+    """The redrive's progress; with `unanswered`, None when no worker answered (504)."""
     response = await api.get(location)
+    if unanswered and response.status_code == 504:
+        return None
     assert response.status_code == 200, response.text
-    answer: dict[str, Any] = response.json()
-    return answer
+    return response.json()
 
 
 async def wait_for_state(
     api: httpx.AsyncClient, location: str, state: str, within: float = 60
 ) -> dict[str, Any]:
     async def probe() -> dict[str, Any] | None:
-        current = await progress(api, location)
-        return current if current["state"] == state else None
+        # A worker that just took over from a killed one may miss the first query.
+        current = await progress(api, location, unanswered=True)
+        return current if current and current["state"] == state else None
 
     found: dict[str, Any] = await wait_until(
         probe, within=within, interval=0.2, message=f"redrive {state}"

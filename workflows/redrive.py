@@ -54,8 +54,10 @@ READ_RETRY = RetryPolicy(
     maximum_interval=timedelta(seconds=30),
     maximum_attempts=0,
 )
-# One send waits up to DeadLetterOperator's command timeout for a worker to take the update.
+# One send waits up to DeadLetterOperator's command timeout for a worker to take the update; it
+# heartbeats meanwhile, so a send whose worker died is retried within SEND_HEARTBEAT.
 SEND_TIMEOUT = timedelta(seconds=60)
+SEND_HEARTBEAT = timedelta(seconds=5)
 # A send no worker confirms after these attempts (minutes) is counted as skipped, with why.
 SEND_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
@@ -225,6 +227,7 @@ class RedriveWorkflow:
                 RedriveActivities.send_redrive_retry,
                 SendInput(workflow.info().workflow_id, dead_letter_id),
                 start_to_close_timeout=SEND_TIMEOUT,
+                heartbeat_timeout=SEND_HEARTBEAT,
                 retry_policy=SEND_RETRY,
                 summary=f"retry_step for dead letter {dead_letter_id}",
             )
