@@ -230,6 +230,23 @@ async def test_cancel_stops_the_redrive_and_leaves_the_rest_open(
         assert again.status_code == 409, again.text
 
 
+async def test_a_temporal_cancellation_stops_it_as_the_cancel_update_does(
+    settings: Settings, own_database: str, env: WorkflowEnvironment, warehouse: WarehouseReceiver
+) -> None:
+    async with own_stack(settings, own_database, env) as stack:
+        orders = await park_orders(stack, warehouse, 4)
+        started = await stack.api.post("/dead-letters/retry", json={"per_second": 1})
+        location = started.headers["Location"]
+        await wait_until(lambda: _sent_at_least(stack.api, location, 1), message="1 sent")
+        handle = stack.client.get_workflow_handle(started.json()["redrive_id"])
+        await handle.cancel()  # what the Web UI's Request Cancellation sends
+        final = await handle.result()
+        assert final["state"] == "cancelled" and 1 <= final["sent"] < len(orders)
+        assert (await progress(stack.api, location))["state"] == "cancelled"
+        redriven = [order_id for order_id in orders if await retry_updates(stack.client, order_id)]
+        assert len(redriven) == final["sent"]
+
+
 async def test_letters_closed_meanwhile_are_skipped_and_a_failure_again_is_counted(
     settings: Settings, own_database: str, env: WorkflowEnvironment, warehouse: WarehouseReceiver
 ) -> None:
