@@ -19,15 +19,18 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
+from temporalio.worker import Replayer
 
 from activities.redrive import RedriveActivities
 from core.db import create_engine, create_sessionmaker
 from core.models import DeadLetter, DeadLetterStatus
 from core.redrives import RedriveFilter, SendInput, SendResult, new_redrive_id, start_redrive
 from core.settings import Settings
+from core.tracing import sandbox_runner
 from devsinks.warehouse import WarehouseReceiver
 from tests.conftest import api_client, running_worker
 from tests.support import count_rows, letter_where, parking, place_order, wait_until
+from workflows.redrive import RedriveWorkflow
 
 STEP = "notify_warehouse"
 REJECTED = "WarehouseRejected"
@@ -310,6 +313,10 @@ async def test_a_long_redrive_continues_as_new_with_a_bounded_history(
             ).fetch_history()
             # The bound is checked between sends; one send and its timer come on top.
             assert len(history.events) <= bound + 20, (run_id, len(history.events))
+            # Each run replays with the code as it is (the sandbox, as the worker runs it).
+            await Replayer(
+                workflows=[RedriveWorkflow], workflow_runner=sandbox_runner()
+            ).replay_workflow(history)
 
 
 async def test_a_send_repeated_after_it_reached_the_order_counts_once(
