@@ -97,7 +97,11 @@ async def list_letters(
     status_code=202,
     response_model=RedriveStarted,
     responses={
-        202: {"headers": {"Location": {"description": "the redrive's progress", "schema": {}}}},
+        202: {
+            "headers": {
+                "Location": {"description": "the redrive's progress", "schema": {"type": "string"}}
+            }
+        },
         **answers(400, 413, 415),
     },
     dependencies=[Depends(require_json)],
