@@ -108,17 +108,18 @@ class RedriveActivities:
         A letter no longer open, or one its workflow refuses (a retry is already pending, it is
         not the parked occurrence, the workflow closed), is skipped: the workflow's validator is
         what makes a second send harmless. A retried attempt first looks in the order's history
-        for its own update, since an attempt that died after sending leaves the letter
-        `retrying` and would otherwise count as skipped."""
+        for its own update, and otherwise sends it again whatever the letter's row says: an
+        attempt that died after sending may have left the update in flight and the letter
+        `retrying` or even `resolved` (the step runs in the very workflow task that accepts the
+        update), and the repeat, taken as the same update, is then answered as accepted."""
         update_id = retry_update_id(input.redrive_id, input.dead_letter_id)
+        repeat = activity.info().attempt > 1
         async with _heartbeating():
-            if activity.info().attempt > 1 and await self._accepted(
-                input.dead_letter_id, update_id
-            ):
+            if repeat and await self._accepted(input.dead_letter_id, update_id):
                 return SendResult(sent=True)
             try:
                 await DeadLetterOperator(self._sessions, self._client).retry(
-                    input.dead_letter_id, update_id=update_id
+                    input.dead_letter_id, update_id=update_id, require_open=not repeat
                 )
             except (CommandRejected, DeadLetterNotFound) as refused:
                 return SendResult(sent=False, reason=str(refused))

@@ -164,10 +164,19 @@ class DeadLetterOperator:
         self._client = client
         self._command_timeout = command_timeout or COMMAND_TIMEOUT_SECONDS
 
-    async def retry(self, dead_letter_id: int, *, update_id: str | None = None) -> DeadLetter:
+    async def retry(
+        self, dead_letter_id: int, *, update_id: str | None = None, require_open: bool = True
+    ) -> DeadLetter:
         """`update_id` names the update, so that sending it again (a bulk redrive's retried
-        send) is taken by Temporal as the same update rather than a second one."""
-        letter = await self._open_letter(dead_letter_id)
+        send) is taken by Temporal as the same update rather than a second one. Such a repeat
+        passes `require_open=False`: its first send may have run the step already (the letter
+        reads `retrying` or `resolved`) while the update itself is still in flight, and only
+        the workflow can tell that from a letter someone else retried (which it refuses)."""
+        if require_open:
+            letter = await self._open_letter(dead_letter_id)
+        else:
+            async with self._sessions() as session:
+                letter = await get_dead_letter(session, dead_letter_id)
         await self._send(
             letter, "retry_step", RetryStepInput(letter.step, letter.id), update_id=update_id
         )

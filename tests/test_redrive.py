@@ -272,6 +272,10 @@ async def test_letters_closed_meanwhile_are_skipped_and_a_failure_again_is_count
             partial(letter_where, stack.sessions, third, DeadLetterStatus.RESOLVED),
             message="the third retried by hand",
         )
+        await wait_until(
+            partial(letter_where, stack.sessions, first, DeadLetterStatus.RESOLVED),
+            message="the first redriven",
+        )
         # The next webhook (the second order's redrive, 4 s after the first) is refused again.
         assert (await progress(stack.api, location))["sent"] == 1
         warehouse.faults.configure(fail_next=1, status=400)
@@ -343,6 +347,13 @@ async def test_a_send_repeated_after_it_reached_the_order_counts_once(
             activities.send_redrive_retry, SendInput(new_redrive_id(), letter.id)
         )
         assert not other.sent and other.reason
+        # Nor does a repeat of such a send, which asks the workflow whatever the letter's row says.
+        stranger = ActivityEnvironment()
+        stranger.info = dataclasses.replace(stranger.info, attempt=2)
+        repeat = await stranger.run(
+            activities.send_redrive_retry, SendInput(new_redrive_id(), letter.id)
+        )
+        assert not repeat.sent and repeat.reason, repeat
         await wait_until(
             lambda: letter_where(sessions, letter.order_id, DeadLetterStatus.RESOLVED),
             message="the letter resolved",

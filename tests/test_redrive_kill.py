@@ -92,7 +92,7 @@ async def test_redrive_finishes_after_its_worker_is_killed_with_every_letter_onc
                 "resolved": LETTERS,
                 "failed_again": 0,
                 "skipped": 0,
-            }
+            }, final
             for order_id in orders:
                 assert await retry_updates(env.client, order_id) == 1, order_id
             accepted_at(warehouse, orders)  # asserts one accepted webhook per order
