@@ -10,14 +10,16 @@ from temporalio import activity
 from core.contracts import DeadLetterInput, DeadLetterResult, DiscardInput, DiscardResult
 from core.dead_letters import close_superseded, discard_letter
 from core.ledger import load_step, refresh_order_status
-from core.models import DeadLetter, DeadLetterStatus, StepStatus
+from core.models import DeadLetter
+from core.names import RECORD_DEAD_LETTER_ACTIVITY
+from core.states import DeadLetterStatus, StepStatus
 
 
 class DeadLetterActivities:
     def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
         self._sessions = sessions
 
-    @activity.defn(name="record_dead_letter")
+    @activity.defn(name=RECORD_DEAD_LETTER_ACTIVITY)
     async def record_dead_letter(self, input: DeadLetterInput) -> DeadLetterResult:
         try:
             async with self._sessions.begin() as session:

@@ -9,13 +9,12 @@ from temporalio import activity
 from core.contracts import CancelOrderInput, CancelOrderResult
 from core.dead_letters import discard_letter
 from core.ledger import ACTIVE_DEAD_LETTER, refresh_order_status
-from core.models import DeadLetter, Order, OrderStep, Step, StepStatus, utcnow
+from core.models import DeadLetter, Order, OrderStep, utcnow
+from core.states import CancelOutcome, Step, StepStatus
 
 # The follow-ups a cancel stops. The receipt is not one: the card was charged, and the receipt is
 # the customer's record of that charge.
 CANCELLABLE_STEPS = (Step.NOTIFY_WAREHOUSE.value,)
-CANCELLED = "cancelled"
-TOO_LATE = "too_late"
 
 
 class OrderActivities:
@@ -30,7 +29,7 @@ class OrderActivities:
             if order is None:
                 raise LookupError(f"order {input.order_id} does not exist")
             if order.cancelled_at is not None:
-                return CancelOrderResult(order.id, CANCELLED)
+                return CancelOrderResult(order.id, CancelOutcome.CANCELLED)
             steps = (
                 await session.scalars(
                     select(OrderStep).where(
@@ -39,7 +38,7 @@ class OrderActivities:
                 )
             ).all()
             if any(step.status == StepStatus.SUCCEEDED for step in steps):
-                return CancelOrderResult(order.id, TOO_LATE)
+                return CancelOrderResult(order.id, CancelOutcome.TOO_LATE)
             order.cancelled_at = utcnow()
             for step in steps:
                 if step.status in (StepStatus.PENDING, StepStatus.DEAD_LETTERED):
@@ -58,4 +57,4 @@ class OrderActivities:
                 await discard_letter(session, dead_letter_id, reason=reason, actor=input.actor)
             await session.flush()
             await refresh_order_status(session, order.id)
-            return CancelOrderResult(order.id, CANCELLED)
+            return CancelOrderResult(order.id, CancelOutcome.CANCELLED)

@@ -21,8 +21,9 @@ from activities.metrics import side_effect_timer
 from activities.retry import Backoff, LedgerOutages, permanent, step_attempt
 from core.contracts import StepInput, StepResult
 from core.ledger import begin_attempt, effect_key, record_failed_attempt, record_success
-from core.models import Order, Step, StepStatus
+from core.models import Order
 from core.settings import Settings
+from core.states import Step, StepOutcome, StepStatus
 
 STEP = Step.SEND_RECEIPT.value
 
@@ -80,7 +81,7 @@ class ReceiptActivities:
         with self._outages.guard(attempt, "reading the ledger"):
             order, step = await begin_attempt(self._sessions, input, STEP, attempt)
         if step.status == StepStatus.SUCCEEDED:
-            return StepResult(input.order_id, STEP, "already_done")
+            return StepResult(input.order_id, STEP, StepOutcome.ALREADY_DONE)
         message = build_receipt(order, self._sender)
 
         await self._checkpoint(BEFORE_EFFECT)
@@ -122,7 +123,7 @@ class ReceiptActivities:
                         {"message_id": message["Message-ID"]},
                     )
             await self._checkpoint(AFTER_RECORD)
-            return StepResult(input.order_id, STEP, "performed")
+            return StepResult(input.order_id, STEP, StepOutcome.PERFORMED)
 
         # Recorded outside the except clauses, so a database error here is not chained to the
         # SMTP error (the outage classifier follows the chain, and an SMTP OSError is no outage).

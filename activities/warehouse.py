@@ -27,9 +27,10 @@ from activities.retry import (
 )
 from core.contracts import StepInput, StepResult
 from core.ledger import begin_attempt, effect_key, record_failed_attempt, record_success
-from core.models import Order, Step, StepStatus
+from core.models import Order
 from core.settings import Settings
 from core.signing import SIGNATURE_HEADER, sign
+from core.states import Step, StepOutcome, StepStatus
 
 STEP = Step.NOTIFY_WAREHOUSE.value
 # Statuses that can succeed later (the contract of issue 2); any other 4xx means the request
@@ -75,10 +76,10 @@ class WarehouseActivities:
         with self._outages.guard(attempt, "reading the ledger"):
             order, step = await begin_attempt(self._sessions, input, STEP, attempt)
         if step.status == StepStatus.SUCCEEDED:
-            return StepResult(input.order_id, STEP, "already_done")
+            return StepResult(input.order_id, STEP, StepOutcome.ALREADY_DONE)
         if order.cancelled_at is not None:
             # Cancelled before this attempt: the warehouse must not hear of the order.
-            return StepResult(input.order_id, STEP, "skipped")
+            return StepResult(input.order_id, STEP, StepOutcome.SKIPPED)
         body = json.dumps(warehouse_payload(order), separators=(",", ":")).encode()
 
         headers = {
@@ -116,7 +117,7 @@ class WarehouseActivities:
                             {"http_status": response.status_code},
                         )
                 await self._checkpoint(AFTER_RECORD)
-                return StepResult(input.order_id, STEP, "performed")
+                return StepResult(input.order_id, STEP, StepOutcome.PERFORMED)
             error = f"warehouse answered {response.status_code}: {response.text[:200]}"
             failed = self._failure(response, error, attempt)
 

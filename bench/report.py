@@ -6,6 +6,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from core.names import ORDER_WORKFLOW
+
 NOTES = Path(__file__).with_name("notes.md")
 
 START_MODES = ("request", "background", "outbox")
@@ -316,7 +318,7 @@ def _history_section(results: dict[str, Any]) -> list[str]:
         for key, title in (
             ("bare", "bare workflow"),
             ("bare_local_first", "bare local-first"),
-            ("orderflow", "OrderWorkflow"),
+            ("orderflow", ORDER_WORKFLOW),
         )
         if history.get(key)
     ]

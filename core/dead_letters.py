@@ -35,6 +35,7 @@ from core.models import (
     StepStatus,
     utcnow,
 )
+from core.names import DISCARD_STEP_UPDATE, RETRY_STEP_UPDATE
 from core.outages import TEMPORAL, DependencyUnavailable, is_temporal_outage
 
 
@@ -166,7 +167,7 @@ class DeadLetterOperator:
 
     async def retry(self, dead_letter_id: int) -> DeadLetter:
         letter = await self._open_letter(dead_letter_id)
-        await self._send(letter, "retry_step", RetryStepInput(letter.step, letter.id))
+        await self._send(letter, RETRY_STEP_UPDATE, RetryStepInput(letter.step, letter.id))
         async with self._sessions.begin() as session:
             # The redrive's first attempt marks it too; whichever comes first wins, and a redrive
             # that already resolved the letter is left alone (the update only touches `open`).
@@ -184,7 +185,7 @@ class DeadLetterOperator:
                 await discard_letter(session, letter.id, reason=reason, actor=actor)
         else:
             await self._send(
-                letter, "discard_step", DiscardStepInput(letter.step, reason, actor, letter.id)
+                letter, DISCARD_STEP_UPDATE, DiscardStepInput(letter.step, reason, actor, letter.id)
             )
         async with self._sessions() as session:
             return await get_dead_letter(session, letter.id)

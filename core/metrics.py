@@ -27,7 +27,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from core.contracts import STEPS
 from core.models import DeadLetter, DeadLetterStatus, WorkflowOutbox, utcnow
-from core.temporal import ORDER_WORKFLOW
+from core.names import ORDER_WORKFLOW
 
 # API (prometheus_client, served at GET /metrics).
 HTTP_REQUESTS = "orderflow_http_requests_total"

@@ -20,9 +20,8 @@ from temporalio.runtime import Runtime
 
 from core.contracts import ORDER_STATUS_ATTRIBUTE, OrderWorkflowInput, OrderWorkflowStatus
 from core.models import OrderStatus
+from core.names import ORDER_WORKFLOW
 from core.settings import Settings
-
-ORDER_WORKFLOW = "OrderWorkflow"
 
 
 def client_connect_config(settings: Settings) -> dict[str, object]:

@@ -43,7 +43,7 @@ from tests.conftest import api_client, free_port, running_worker
 from tests.support import order_body, place_order, wait_for_order_status, wait_until
 from tests.tcp_proxy import TcpProxy
 from tests.test_outages import database_link, needs_postgres
-from workflows.order import _database_down
+from workflows.order_policy import database_down
 
 Sessions = async_sessionmaker[AsyncSession]
 RECEIPT, WAREHOUSE = STEPS
@@ -181,7 +181,7 @@ def budget_ran_out(last: BaseException | None, kind: TimeoutType) -> TimeoutErro
     ],
 )
 def test_which_give_ups_the_workflow_waits_out(failure: BaseException, down_at: int | None) -> None:
-    down = _database_down(failure)
+    down = database_down(failure)
     assert (down[0] if down else None) == down_at
 
 

@@ -17,6 +17,7 @@ from core.contracts import StepInput, StepResult
 from core.models import Order, PaymentCharge
 from core.settings import Settings
 from core.signing import SIGNATURE_HEADER
+from core.states import StepOutcome
 from devsinks.smtp import MailSink
 from devsinks.warehouse import WarehouseReceiver
 from tests.conftest import WEBHOOK_SECRET
@@ -112,6 +113,6 @@ async def test_receipt_retried_after_its_email_was_sent_does_not_send_it_again(
     activities.info = replace(activities.info, attempt=2)
     second = await activities.run(receipts.send_receipt, StepInput(order_id))
 
-    assert first == StepResult(order_id, "send_receipt", "performed")
-    assert second == StepResult(order_id, "send_receipt", "already_done")
+    assert first == StepResult(order_id, "send_receipt", StepOutcome.PERFORMED)
+    assert second == StepResult(order_id, "send_receipt", StepOutcome.ALREADY_DONE)
     assert len(mail.to(body["customer_email"])) == 1

@@ -32,6 +32,7 @@ from api.schemas import (
 from core.contracts import CancelRequest
 from core.db import read_session
 from core.models import Order, OrderStatus, OrderStep, Step, StepStatus
+from core.names import CANCEL_SIGNAL
 from core.temporal import start_order_workflow
 
 router = APIRouter(
@@ -148,7 +149,7 @@ async def cancel_order(
             temporal,
             order_id,
             settings.TEMPORAL_TASK_QUEUE,
-            start_signal="cancel",
+            start_signal=CANCEL_SIGNAL,
             start_signal_args=[CancelRequest(actor="api")],
         )
     except WorkflowAlreadyStartedError as closed:
