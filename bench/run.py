@@ -909,7 +909,8 @@ def main() -> None:
         results = asdict(bench.results)
         results["quick"] = args.quick
     # A run of some phases keeps its figures apart from the full run's, which --report-only reads.
-    stem = "-".join(["bench", *(["quick"] if args.quick else []), *(args.only or [])])
+    backend = ["postgresql"] if args.database and args.only else []
+    stem = "-".join(["bench", *(["quick"] if args.quick else []), *(args.only or []), *backend])
     raw = ROOT / ".data" / f"{stem}.json"
     raw.parent.mkdir(parents=True, exist_ok=True)
     raw.write_text(json.dumps(results))
