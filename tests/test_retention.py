@@ -25,6 +25,7 @@ from core.retention import Purged, RetentionInput, ensure_retention_schedule, pu
 from core.settings import Settings
 from tests.conftest import running_worker
 from tests.support import NetworkGateway, count_rows, new_key, order_body, wait_until
+from workflows.retention import RetentionWorkflow
 
 Sessions = async_sessionmaker[AsyncSession]
 TTL = timedelta(hours=24)
@@ -331,6 +332,40 @@ async def test_a_cleanup_run_stops_after_its_batches_and_says_there_is_more(
     assert (first.idempotency_keys, first.more) == (60, True)
     second = await purge_expired(own_sessions, small, now=now)
     assert (second.idempotency_keys, second.more) == (40, False)
+
+
+async def test_one_cleanup_run_goes_on_until_the_tables_are_clean(
+    env: WorkflowEnvironment, settings: Settings, own_database: str
+) -> None:
+    """More expired rows than one activity's batches take are all deleted by the same run, so
+    the cleanup keeps up with a shop whatever its rate, not 1 activity per interval."""
+    own = settings.model_copy(update={"DATABASE_URL": own_database})
+    engine = create_engine(own)
+    sessions = create_sessionmaker(engine)
+    try:
+        now = utcnow()
+        await add_keys(sessions, now - TTL - timedelta(hours=1), 100)
+        live = await add_keys(sessions, now, 5)
+        small = RetentionInput(TTL.total_seconds(), OUTBOX_RETENTION.total_seconds(), 30, 2)
+        async with running_worker(env.client, own, sessions):
+            handle = await env.client.start_workflow(
+                RetentionWorkflow.run,
+                small,
+                id=f"retention-run-{uuid.uuid4().hex[:12]}",
+                task_queue=own.TEMPORAL_TASK_QUEUE,
+            )
+            purged = await handle.result()
+        assert (purged.idempotency_keys, purged.more) == (100, False)
+        assert await count_rows(sessions, IdempotencyKey) == len(live)
+        purges = [
+            event
+            async for event in handle.fetch_history_events()
+            if event.HasField("activity_task_scheduled_event_attributes")
+        ]
+        # 60 rows per activity (2 batches of 30): 60, then 40 and clean.
+        assert len(purges) == 2
+    finally:
+        await engine.dispose()
 
 
 async def test_the_schedule_is_created_once_and_its_run_cleans_up(
