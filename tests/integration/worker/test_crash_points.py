@@ -1,9 +1,9 @@
 """Side effects that happen once: a worker interrupted at each crash point of each step, by an
 exception or by SIGKILL, and what the customer and the warehouse saw afterwards.
 
-Run as a module (`python -m tests.test_crash_points`) it is the worker that kills itself: the
-real worker on the test's task queue, with a checkpoint that sends SIGKILL to its own process at
-the crash point named in CRASH_AT."""
+Run as a module (`python -m tests.integration.worker.test_crash_points`) it is the worker that
+kills itself: the real worker on the test's task queue, with a checkpoint that sends SIGKILL to
+its own process at the crash point named in CRASH_AT."""
 
 from __future__ import annotations
 
@@ -282,7 +282,7 @@ async def test_worker_killed_at_a_crash_point_leaves_one_effect(
     doomed = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "tests.test_crash_points",
+        "tests.integration.worker.test_crash_points",
         cwd=ROOT,
         env=subprocess_env(kill_settings, f"{step}:{point}", marker),
     )

@@ -279,7 +279,9 @@ async def _order_status(api: httpx.AsyncClient, order_id: str, status: str) -> b
     return bool(response.json()["status"] == status)
 
 
+@pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mutual-tls"])
 async def test_an_order_runs_through_tls_configured_by_environment_variables(
+    mutual: bool,
     temporal_env: pytest.MonkeyPatch,
     pki: Pki,
     env: WorkflowEnvironment,
@@ -288,33 +290,19 @@ async def test_an_order_runs_through_tls_configured_by_environment_variables(
     mail: MailSink,
     warehouse: WarehouseReceiver,
 ) -> None:
-    proxy = TlsProxy(_upstream(env), _server_context(pki, require_client_cert=False))
+    proxy = TlsProxy(_upstream(env), _server_context(pki, require_client_cert=mutual))
     async with proxy.serving():
         temporal_env.setenv("TEMPORAL_TLS_SERVER_CA_CERT_PATH", str(pki.ca))
         temporal_env.setenv("TEMPORAL_TLS_SERVER_NAME", SERVER_NAME)
+        if mutual:
+            temporal_env.setenv("TEMPORAL_TLS_CLIENT_CERT_PATH", str(pki.client_cert))
+            temporal_env.setenv("TEMPORAL_TLS_CLIENT_KEY_PATH", str(pki.client_key))
         await _order_completes_through(_tls_settings(settings, proxy), sessions, mail, warehouse)
-    assert proxy.handshakes and all(subject is None for subject in proxy.handshakes)
-
-
-async def test_an_order_runs_through_mutual_tls(
-    temporal_env: pytest.MonkeyPatch,
-    pki: Pki,
-    env: WorkflowEnvironment,
-    settings: Settings,
-    sessions: async_sessionmaker[AsyncSession],
-    mail: MailSink,
-    warehouse: WarehouseReceiver,
-) -> None:
-    proxy = TlsProxy(_upstream(env), _server_context(pki, require_client_cert=True))
-    async with proxy.serving():
-        temporal_env.setenv("TEMPORAL_TLS_SERVER_CA_CERT_PATH", str(pki.ca))
-        temporal_env.setenv("TEMPORAL_TLS_SERVER_NAME", SERVER_NAME)
-        temporal_env.setenv("TEMPORAL_TLS_CLIENT_CERT_PATH", str(pki.client_cert))
-        temporal_env.setenv("TEMPORAL_TLS_CLIENT_KEY_PATH", str(pki.client_key))
-        await _order_completes_through(_tls_settings(settings, proxy), sessions, mail, warehouse)
-    assert proxy.handshakes and all(
-        subject is not None and "client" in subject for subject in proxy.handshakes
-    )
+    assert proxy.handshakes
+    if mutual:
+        assert all(subject is not None and "client" in subject for subject in proxy.handshakes)
+    else:
+        assert all(subject is None for subject in proxy.handshakes)
 
 
 async def test_tls_refuses_a_server_it_cannot_verify_and_mtls_a_client_without_a_cert(

@@ -24,12 +24,12 @@ from core.contracts import (
     OrderWorkflowStatus,
     RetryStepInput,
 )
-from core.db import create_engine, create_sessionmaker
 from core.models import DeadLetter, Order
 from core.settings import Settings
 from devsinks.smtp import MailSink
 from devsinks.warehouse import WarehouseReceiver
 from tests.conftest import api_client, running_worker
+from tests.integration.operator.conftest import OwnStack
 from tests.support import place_order, wait_for_order_status, wait_until
 
 STEP = "notify_warehouse"
@@ -186,41 +186,35 @@ async def test_list_filters_and_pages(
 
 
 async def test_bulk_retry_redrives_every_match_at_the_given_pace(
-    settings: Settings, own_database: str, env: WorkflowEnvironment, warehouse: WarehouseReceiver
+    own_stack: OwnStack, warehouse: WarehouseReceiver
 ) -> None:
-    settings = settings.model_copy(update={"DATABASE_URL": own_database})
-    engine = create_engine(settings)
-    sessions = create_sessionmaker(engine)
-    try:
-        async with running_worker(env.client, settings, sessions), api_client(settings) as api:
-            warehouse.faults.configure(fail_rate=1.0, status=400)
-            orders = [await place_order(api) for _ in range(4)]
-            for order_id in orders:
-                await wait_for_letters(api, order_id, "open")
-            warehouse.faults.reset()
+    api = own_stack.api
+    warehouse.faults.configure(fail_rate=1.0, status=400)
+    orders = [await place_order(api) for _ in range(4)]
+    for order_id in orders:
+        await wait_for_letters(api, order_id, "open")
+    warehouse.faults.reset()
 
-            per_second = 2.0
-            started = time.monotonic()
-            response = await api.post(
-                "/dead-letters/retry",
-                json={"step": STEP, "error_type": "WarehouseRejected", "per_second": per_second},
-            )
-            elapsed = time.monotonic() - started
-            assert response.status_code == 202, response.text
-            outcome = response.json()
-            assert outcome["rejected"] == {}
-            assert len(outcome["retried"]) == len(orders)
-            # The implementation starts the n-th redrive no earlier than (n-1)/per_second.
-            assert elapsed >= (len(orders) - 1) / per_second
+    per_second = 2.0
+    started = time.monotonic()
+    response = await api.post(
+        "/dead-letters/retry",
+        json={"step": STEP, "error_type": "WarehouseRejected", "per_second": per_second},
+    )
+    elapsed = time.monotonic() - started
+    assert response.status_code == 202, response.text
+    outcome = response.json()
+    assert outcome["rejected"] == {}
+    assert len(outcome["retried"]) == len(orders)
+    # The implementation starts the n-th redrive no earlier than (n-1)/per_second.
+    assert elapsed >= (len(orders) - 1) / per_second
 
-            for order_id in orders:
-                await wait_for_order_status(api, order_id, "completed")
-                [letter] = await letters_of(api, order_id)
-                assert (letter["status"], letter["resolution"]) == ("resolved", "succeeded")
-            listed = (await api.get("/dead-letters", params={"status": "open"})).json()
-            assert listed["total"] == 0
-    finally:
-        await engine.dispose()
+    for order_id in orders:
+        await wait_for_order_status(api, order_id, "completed")
+        [letter] = await letters_of(api, order_id)
+        assert (letter["status"], letter["resolution"]) == ("resolved", "succeeded")
+    listed = (await api.get("/dead-letters", params={"status": "open"})).json()
+    assert listed["total"] == 0
 
 
 async def test_park_timeout_completes_as_needs_attention_and_keeps_the_letter(

@@ -15,13 +15,11 @@ from datetime import timedelta
 from functools import partial
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import exc as sa_exc
 from sqlalchemy import make_url, select
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
@@ -39,7 +37,6 @@ from core.models import (
     Step,
     WorkflowOutbox,
 )
-from core.outages import is_database_outage
 from core.outbox import run_sweeper
 from core.payments import ChargeResult, SandboxGateway
 from core.settings import Settings
@@ -462,21 +459,3 @@ async def test_a_bug_is_still_a_500(settings: Settings, error: Exception) -> Non
         async with httpx.AsyncClient(transport=transport, base_url="http://orderflow.test") as c:
             response = await c.get("/broken")
     assert response.status_code == 500
-
-
-@pytest.mark.parametrize(
-    ("error", "outage"),
-    [
-        (ConnectionRefusedError(111, "refused"), True),
-        (TimeoutError(), True),
-        (OperationalError("SELECT 1", {}, Exception("database is locked")), True),
-        (sa_exc.TimeoutError("QueuePool limit reached"), True),
-        (DBAPIError("SELECT 1", {}, asyncpg.TooManyConnectionsError("too many")), True),
-        (DBAPIError("SELECT 1", {}, Exception("x"), connection_invalidated=True), True),
-        (IntegrityError("INSERT", {}, Exception("duplicate key")), False),
-        (DBAPIError("SELECT 1", {}, ValueError("invalid byte sequence")), False),
-        (RuntimeError("a bug"), False),
-    ],
-)
-def test_what_counts_as_a_database_outage(error: Exception, outage: bool) -> None:
-    assert is_database_outage(error) is outage

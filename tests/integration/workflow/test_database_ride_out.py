@@ -40,9 +40,9 @@ from core.settings import Settings
 from devsinks.smtp import MailSink
 from devsinks.warehouse import WarehouseReceiver
 from tests.conftest import api_client, free_port, running_worker
+from tests.integration.api.test_outages import database_link, needs_postgres
 from tests.support import order_body, place_order, wait_for_order_status, wait_until
 from tests.tcp_proxy import TcpProxy
-from tests.test_outages import database_link, needs_postgres
 from workflows.order import _database_down
 
 Sessions = async_sessionmaker[AsyncSession]

@@ -122,25 +122,22 @@ async def test_same_key_with_another_body_is_rejected_and_writes_nothing(
     assert (await post(api, body, key)).json() == first.json()
 
 
-async def test_missing_idempotency_key_is_a_400_with_a_clear_message(
-    api: httpx.AsyncClient, sessions: Sessions
+@pytest.mark.parametrize(
+    ("headers", "detail"),
+    [
+        ({}, "Idempotency-Key header is required"),
+        ({"Idempotency-Key": "k" * 256}, "Idempotency-Key"),
+    ],
+    ids=["missing", "overlong"],
+)
+async def test_missing_or_overlong_idempotency_key_is_a_400_with_a_clear_message(
+    headers: dict[str, str], detail: str, api: httpx.AsyncClient, sessions: Sessions
 ) -> None:
     before = await table_sizes(sessions)
-    response = await api.post("/orders", json=order_body())
+    response = await api.post("/orders", json=order_body(), headers=headers)
 
     assert response.status_code == 400
-    assert "Idempotency-Key header is required" in response.json()["detail"]
-    assert await table_sizes(sessions) == before
-
-
-async def test_overlong_idempotency_key_is_a_400(
-    api: httpx.AsyncClient, sessions: Sessions
-) -> None:
-    before = await table_sizes(sessions)
-    response = await post(api, order_body(), "k" * 256)
-
-    assert response.status_code == 400
-    assert "Idempotency-Key" in response.json()["detail"]
+    assert detail in response.json()["detail"]
     assert await table_sizes(sessions) == before
 
 

@@ -15,11 +15,11 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.testing import WorkflowEnvironment
 
 from core import dead_letters
-from core.db import create_engine, create_sessionmaker
 from core.models import DeadLetter, DeadLetterStatus
 from core.settings import Settings
 from devsinks.warehouse import WarehouseReceiver
 from tests.conftest import api_client, running_worker
+from tests.integration.operator.conftest import OwnStack
 from tests.support import Parker, letter_where, parking, wait_until
 
 SAME_ORIGIN = {"Origin": "http://orderflow.test"}
@@ -122,48 +122,39 @@ async def test_discard_needs_a_reason_and_records_it(
 
 
 async def test_retry_all_for_a_step_and_error_redrives_the_group(
-    env: WorkflowEnvironment, settings: Settings, own_database: str, warehouse: WarehouseReceiver
+    env: WorkflowEnvironment, own_stack: OwnStack, warehouse: WarehouseReceiver
 ) -> None:
     # A database of its own: "retry all" matches every open letter of the group, and this test
     # must see only the ones it parked.
-    own = settings.model_copy(update={"DATABASE_URL": own_database})
-    engine = create_engine(own)
-    sessions = create_sessionmaker(engine)
-    try:
-        async with (
-            running_worker(env.client, own, sessions),
-            api_client(own) as api,
-            parking(sessions, env.client) as parker,
-        ):
-            warehouse.faults.configure(fail_rate=1.0, status=500)
-            letters = [await parker.park(api) for _ in range(3)]
-            html = (await api.get("/admin")).text
-            assert re.search(
-                r'data-step="notify_warehouse" data-error-type="WarehouseUnavailable"', html
-            )
-            assert "Retry all 3 for this step and error" in html
+    api, sessions = own_stack.api, own_stack.sessions
+    async with parking(sessions, env.client) as parker:
+        warehouse.faults.configure(fail_rate=1.0, status=500)
+        letters = [await parker.park(api) for _ in range(3)]
+        html = (await api.get("/admin")).text
+        assert re.search(
+            r'data-step="notify_warehouse" data-error-type="WarehouseUnavailable"', html
+        )
+        assert "Retry all 3 for this step and error" in html
 
-            warehouse.faults.reset()
-            response = await api.post(
-                "/admin/dead-letters/retry",
-                data={"step": "notify_warehouse", "error_type": "WarehouseUnavailable"},
-                headers=SAME_ORIGIN,
+        warehouse.faults.reset()
+        response = await api.post(
+            "/admin/dead-letters/retry",
+            data={"step": "notify_warehouse", "error_type": "WarehouseUnavailable"},
+            headers=SAME_ORIGIN,
+        )
+        assert (response.status_code, response.headers["location"]) == (303, "/admin")
+        assert flash_of((await api.get("/admin")).text) == (
+            "ok: Retrying 3 dead letter(s) for notify_warehouse / WarehouseUnavailable "
+            "at 5 per second; reload to follow."
+        )
+        for order_id in (letter.order_id for letter in letters):
+            await wait_until(
+                partial(letter_where, sessions, order_id, DeadLetterStatus.RESOLVED),
+                within=30,
+                message=f"{order_id} resolved by the bulk retry",
             )
-            assert (response.status_code, response.headers["location"]) == (303, "/admin")
-            assert flash_of((await api.get("/admin")).text) == (
-                "ok: Retrying 3 dead letter(s) for notify_warehouse / WarehouseUnavailable "
-                "at 5 per second; reload to follow."
-            )
-            for order_id in (letter.order_id for letter in letters):
-                await wait_until(
-                    partial(letter_where, sessions, order_id, DeadLetterStatus.RESOLVED),
-                    within=30,
-                    message=f"{order_id} resolved by the bulk retry",
-                )
-            html = (await api.get("/admin")).text
-            assert 'data-testid="empty"' in html
-    finally:
-        await engine.dispose()
+        html = (await api.get("/admin")).text
+        assert 'data-testid="empty"' in html
 
 
 async def test_search_finds_an_order_by_id_or_a_unique_fragment(

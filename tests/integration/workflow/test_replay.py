@@ -22,7 +22,7 @@ from temporalio.worker import Replayer
 from core.tracing import sandbox_runner
 from workflows.order import OrderWorkflow
 
-HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
+HISTORIES = sorted((Path(__file__).resolve().parents[2] / "histories").glob("*.json"))
 
 
 @pytest.mark.parametrize("path", HISTORIES, ids=[path.stem for path in HISTORIES])

@@ -19,7 +19,8 @@ from temporalio.testing import WorkflowEnvironment
 from core.contracts import ORDER_STATUS_ATTRIBUTE
 from core.models import DeadLetter, DeadLetterStatus
 from devsinks.warehouse import WarehouseReceiver
-from tests.conftest import BROWSER_TEST, ROOT
+from tests.conftest import ROOT
+from tests.e2e.browser.conftest import BROWSER_TEST
 from tests.support import Parker, letter_where, wait_for_order_status, wait_for_workflow_closed
 
 UPDATE_ACCEPTED = EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED

@@ -26,7 +26,8 @@ from core.models import DeadLetterStatus
 from core.settings import Settings
 from devsinks.smtp import MailSink
 from devsinks.warehouse import WarehouseReceiver
-from tests.conftest import BROWSER_TEST, ROOT, free_port
+from tests.conftest import ROOT, free_port
+from tests.e2e.browser.conftest import BROWSER_TEST
 from tests.support import Parker, letter_where, order_body, unique_email, wait_until
 
 LAPTOP = ViewportSize(width=1280, height=800)

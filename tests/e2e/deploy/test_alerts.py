@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import subprocess
 
-from tests.test_dashboard import DEPLOY, known, promql_metric_names, promtool
+from tests.e2e.deploy.test_dashboard import DEPLOY, known, promql_metric_names, promtool
 
 PROMETHEUS = DEPLOY / "prometheus"
 ALERTS = PROMETHEUS / "alerts.yml"

@@ -9,13 +9,12 @@ from dataclasses import dataclass
 
 import httpx
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from temporalio.testing import WorkflowEnvironment
 
-from core.db import create_engine, create_sessionmaker
 from core.models import DeadLetter
 from core.settings import Settings
 from devsinks.warehouse import WarehouseReceiver
-from tests.conftest import DevSinksProcess, api_client, free_port, installed_binary, running_worker
+from tests.conftest import DevSinksProcess, free_port, installed_binary
+from tests.integration.operator.conftest import OwnStack
 from tests.support import place_order, wait_for_order_status, wait_until
 
 STEP = "notify_warehouse"
@@ -128,32 +127,24 @@ async def test_dlq_list_show_retry_and_discard(
 
 
 async def test_dlq_retry_all_redrives_the_matching_letters(
-    settings: Settings, own_database: str, env: WorkflowEnvironment, warehouse: WarehouseReceiver
+    own_stack: OwnStack, warehouse: WarehouseReceiver
 ) -> None:
-    settings = settings.model_copy(update={"DATABASE_URL": own_database})
-    engine = create_engine(settings)
-    sessions = create_sessionmaker(engine)
-    try:
-        async with running_worker(env.client, settings, sessions), api_client(settings) as api:
-            warehouse.faults.configure(fail_rate=1.0, status=400)
-            orders = [await place_order(api) for _ in range(3)]
-            letters = [await open_letter(api, order_id) for order_id in orders]
-            warehouse.faults.reset()
+    settings, api = own_stack.settings, own_stack.api
+    warehouse.faults.configure(fail_rate=1.0, status=400)
+    orders = [await place_order(api) for _ in range(3)]
+    letters = [await open_letter(api, order_id) for order_id in orders]
+    warehouse.faults.reset()
 
-            run = await orderflow(
-                settings, "dlq", "retry", "--all", "--step", STEP, "--per-second", "10"
-            )
-            assert run.code == 0, run.err
-            lines = run.out.splitlines()
-            assert lines[0].split() == ["ID", "RESULT", "REASON"]
-            assert sorted(int(line.split()[0]) for line in lines[1:-1]) == sorted(letters)
-            assert lines[-1].startswith("retried 3, refused 0")
-            for order_id in orders:
-                await wait_for_order_status(api, order_id, "completed")
-            nothing = await orderflow(settings, "dlq", "retry", "--all")
-            assert (nothing.code, nothing.out.strip()) == (0, "no open dead letter matches")
-    finally:
-        await engine.dispose()
+    run = await orderflow(settings, "dlq", "retry", "--all", "--step", STEP, "--per-second", "10")
+    assert run.code == 0, run.err
+    lines = run.out.splitlines()
+    assert lines[0].split() == ["ID", "RESULT", "REASON"]
+    assert sorted(int(line.split()[0]) for line in lines[1:-1]) == sorted(letters)
+    assert lines[-1].startswith("retried 3, refused 0")
+    for order_id in orders:
+        await wait_for_order_status(api, order_id, "completed")
+    nothing = await orderflow(settings, "dlq", "retry", "--all")
+    assert (nothing.code, nothing.out.strip()) == (0, "no open dead letter matches")
 
 
 async def test_sinks_fault_and_heal_drive_the_dev_sinks(

@@ -25,8 +25,8 @@ from core.models import DeadLetter, OrderStep
 from core.settings import Settings
 from devsinks.warehouse import WarehouseReceiver
 from tests.conftest import api_client, running_worker
+from tests.integration.operator.test_temporal_cli import temporal
 from tests.support import place_order, wait_for_order_status, wait_until
-from tests.test_temporal_cli import temporal
 
 STEP = "notify_warehouse"
 PAUSED = PendingActivityState.PENDING_ACTIVITY_STATE_PAUSED

@@ -4,7 +4,8 @@ is lost, because what it did not finish another worker does.
 
 The activity in flight is an activity task: every attempt is one here (STEP_FIRST_ATTEMPT=
 activity), since a local first attempt runs inside a workflow task, not as a task of its own
-that another worker could take over; a worker lost during one is tests/test_crash_points.py's."""
+that another worker could take over; a worker lost during one is
+tests/integration/worker/test_crash_points.py's."""
 
 from __future__ import annotations
 
