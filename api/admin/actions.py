@@ -1,0 +1,121 @@
+"""The review page's actions: retry or discard one dead letter, retry a whole group. Each answers
+with a redirect back to the page, whose flash message says how it went; a refusal is a flash,
+not an error page."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Form, Request
+from fastapi import Path as PathParam
+from fastapi.responses import RedirectResponse, Response
+
+from api.admin.guards import SameOrigin, actor
+from api.admin.redrives import BULK_LIMIT, BULK_PER_SECOND
+from api.admin.views import redirect
+from api.deps import OperatorDep, RedrivesDep, SessionsDep, require_admin_login
+from api.errors import answers
+from api.schemas import DbId, StorableStr
+from core.dead_letters import (
+    CommandRejected,
+    CommandUnconfirmed,
+    DeadLetterFilter,
+    DeadLetterNotFound,
+    list_dead_letters,
+)
+from core.models import DeadLetterStatus
+
+router = APIRouter(
+    prefix="/admin",
+    tags=["admin"],
+    dependencies=[Depends(require_admin_login)],
+)
+DeadLetterId = Annotated[DbId, PathParam()]
+BackTo = Annotated[StorableStr, Form()]
+BACK_TO_PAGE: dict[int | str, dict[str, Any]] = {
+    303: {"description": "Back to the page, which shows the outcome"},
+    **answers(400, 401, 403, 413, 503),
+}
+
+
+@router.post(
+    "/dead-letters/{dead_letter_id}/retry",
+    name="admin_retry",
+    dependencies=SameOrigin,
+    status_code=303,
+    response_class=RedirectResponse,
+    responses=BACK_TO_PAGE,
+)
+async def retry(
+    dead_letter_id: DeadLetterId, operator: OperatorDep, back: BackTo = "/admin"
+) -> Response:
+    try:
+        letter = await operator.retry(dead_letter_id)
+    except (DeadLetterNotFound, CommandRejected) as refused:
+        return redirect(back, "error", f"Retry refused: {refused}")
+    except CommandUnconfirmed as unconfirmed:
+        return redirect(back, "error", str(unconfirmed))
+    return redirect(
+        back,
+        "ok",
+        f"Retrying {letter.step} of order {letter.order_id} (dead letter {letter.id}); "
+        "it resolves when the step succeeds.",
+    )
+
+
+@router.post(
+    "/dead-letters/{dead_letter_id}/discard",
+    name="admin_discard",
+    dependencies=SameOrigin,
+    status_code=303,
+    response_class=RedirectResponse,
+    responses=BACK_TO_PAGE,
+)
+async def discard(
+    request: Request,
+    dead_letter_id: DeadLetterId,
+    operator: OperatorDep,
+    reason: Annotated[StorableStr, Form(max_length=2000)] = "",
+    back: BackTo = "/admin",
+) -> Response:
+    if not reason.strip():
+        return redirect(back, "error", "Discard needs a reason: say why this step is given up")
+    try:
+        letter = await operator.discard(dead_letter_id, reason.strip(), actor(request))
+    except (DeadLetterNotFound, CommandRejected) as refused:
+        return redirect(back, "error", f"Discard refused: {refused}")
+    except CommandUnconfirmed as unconfirmed:
+        return redirect(back, "error", str(unconfirmed))
+    return redirect(
+        back, "ok", f"Discarded {letter.step} of order {letter.order_id} (dead letter {letter.id})."
+    )
+
+
+@router.post(
+    "/dead-letters/retry",
+    name="admin_bulk_retry",
+    dependencies=SameOrigin,
+    status_code=303,
+    response_class=RedirectResponse,
+    responses=BACK_TO_PAGE,
+)
+async def bulk_retry(
+    sessions: SessionsDep,
+    redrives: RedrivesDep,
+    step: Annotated[StorableStr, Form(max_length=40)],
+    error_type: Annotated[StorableStr, Form(max_length=200)],
+    back: BackTo = "/admin",
+) -> Response:
+    where = DeadLetterFilter(status=DeadLetterStatus.OPEN, step=step, error_type=error_type)
+    async with sessions() as session:
+        _, matching = await list_dead_letters(session, where, limit=1, offset=0)
+    if not matching:
+        return redirect(back, "error", f"No open dead letters for {step} / {error_type}.")
+    if not redrives.start(step, error_type):
+        return redirect(back, "error", f"A retry of all {step} / {error_type} is already running.")
+    return redirect(
+        back,
+        "ok",
+        f"Retrying {min(matching, BULK_LIMIT)} dead letter(s) for {step} / {error_type} at "
+        f"{BULK_PER_SECOND:g} per second; reload to follow.",
+    )
