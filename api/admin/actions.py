@@ -4,11 +4,13 @@ not an error page."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi import Path as PathParam
 from fastapi.responses import RedirectResponse, Response
+from fastapi.types import DecoratedCallable
 
 from api.admin.guards import SameOrigin, actor
 from api.admin.redrives import BULK_LIMIT, BULK_PER_SECOND
@@ -38,23 +40,36 @@ BACK_TO_PAGE: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.post(
-    "/dead-letters/{dead_letter_id}/retry",
-    name="admin_retry",
-    dependencies=SameOrigin,
-    status_code=303,
-    response_class=RedirectResponse,
-    responses=BACK_TO_PAGE,
-)
+def _action(path: str, *, name: str) -> Callable[[DecoratedCallable], DecoratedCallable]:
+    """A form's POST: from the page's own origin only, answered by a redirect back to a page."""
+    return router.post(
+        path,
+        name=name,
+        dependencies=SameOrigin,
+        status_code=303,
+        response_class=RedirectResponse,
+        responses=BACK_TO_PAGE,
+    )
+
+
+# What the operator can refuse a command with; the JSON API answers them with 404, 409 and 504.
+REFUSALS = (DeadLetterNotFound, CommandRejected, CommandUnconfirmed)
+
+
+def _refused(back: str, action: str, refusal: Exception) -> Response:
+    if isinstance(refusal, CommandUnconfirmed):
+        return redirect(back, "error", str(refusal))  # it names the action itself
+    return redirect(back, "error", f"{action} refused: {refusal}")
+
+
+@_action("/dead-letters/{dead_letter_id}/retry", name="admin_retry")
 async def retry(
     dead_letter_id: DeadLetterId, operator: OperatorDep, back: BackTo = "/admin"
 ) -> Response:
     try:
         letter = await operator.retry(dead_letter_id)
-    except (DeadLetterNotFound, CommandRejected) as refused:
-        return redirect(back, "error", f"Retry refused: {refused}")
-    except CommandUnconfirmed as unconfirmed:
-        return redirect(back, "error", str(unconfirmed))
+    except REFUSALS as refusal:
+        return _refused(back, "Retry", refusal)
     return redirect(
         back,
         "ok",
@@ -63,14 +78,7 @@ async def retry(
     )
 
 
-@router.post(
-    "/dead-letters/{dead_letter_id}/discard",
-    name="admin_discard",
-    dependencies=SameOrigin,
-    status_code=303,
-    response_class=RedirectResponse,
-    responses=BACK_TO_PAGE,
-)
+@_action("/dead-letters/{dead_letter_id}/discard", name="admin_discard")
 async def discard(
     request: Request,
     dead_letter_id: DeadLetterId,
@@ -82,23 +90,14 @@ async def discard(
         return redirect(back, "error", "Discard needs a reason: say why this step is given up")
     try:
         letter = await operator.discard(dead_letter_id, reason.strip(), actor(request))
-    except (DeadLetterNotFound, CommandRejected) as refused:
-        return redirect(back, "error", f"Discard refused: {refused}")
-    except CommandUnconfirmed as unconfirmed:
-        return redirect(back, "error", str(unconfirmed))
+    except REFUSALS as refusal:
+        return _refused(back, "Discard", refusal)
     return redirect(
         back, "ok", f"Discarded {letter.step} of order {letter.order_id} (dead letter {letter.id})."
     )
 
 
-@router.post(
-    "/dead-letters/retry",
-    name="admin_bulk_retry",
-    dependencies=SameOrigin,
-    status_code=303,
-    response_class=RedirectResponse,
-    responses=BACK_TO_PAGE,
-)
+@_action("/dead-letters/retry", name="admin_bulk_retry")
 async def bulk_retry(
     sessions: SessionsDep,
     redrives: RedrivesDep,
