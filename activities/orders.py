@@ -6,14 +6,12 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio import activity
 
+from core.cancellation import CANCELLABLE_STEPS, CancelVerdict, cancel_verdict
 from core.contracts import CancelOrderInput, CancelOrderResult
 from core.dead_letters import discard_letter
 from core.ledger import ACTIVE_DEAD_LETTER, refresh_order_status
-from core.models import DeadLetter, Order, OrderStep, Step, StepStatus, utcnow
+from core.models import DeadLetter, Order, OrderStep, StepStatus, utcnow
 
-# The follow-ups a cancel stops. The receipt is not one: the card was charged, and the receipt is
-# the customer's record of that charge.
-CANCELLABLE_STEPS = (Step.NOTIFY_WAREHOUSE.value,)
 CANCELLED = "cancelled"
 TOO_LATE = "too_late"
 
@@ -29,8 +27,6 @@ class OrderActivities:
             order = await session.get(Order, input.order_id, with_for_update=True)
             if order is None:
                 raise LookupError(f"order {input.order_id} does not exist")
-            if order.cancelled_at is not None:
-                return CancelOrderResult(order.id, CANCELLED)
             steps = (
                 await session.scalars(
                     select(OrderStep).where(
@@ -38,7 +34,10 @@ class OrderActivities:
                     )
                 )
             ).all()
-            if any(step.status == StepStatus.SUCCEEDED for step in steps):
+            verdict = cancel_verdict(order, steps)
+            if verdict == CancelVerdict.ALREADY_CANCELLED:
+                return CancelOrderResult(order.id, CANCELLED)
+            if verdict == CancelVerdict.TOO_LATE:
                 return CancelOrderResult(order.id, TOO_LATE)
             order.cancelled_at = utcnow()
             for step in steps:

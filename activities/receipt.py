@@ -22,6 +22,7 @@ from activities.retry import Backoff, LedgerOutages, permanent, step_attempt
 from core.contracts import StepInput, StepResult
 from core.ledger import begin_attempt, effect_key, record_failed_attempt, record_success
 from core.models import Order, Step, StepStatus
+from core.money import format_money
 from core.settings import Settings
 
 STEP = Step.SEND_RECEIPT.value
@@ -46,14 +47,12 @@ def build_receipt(order: Order, sender: str) -> EmailMessage:
     lines = [f"Thank you for your order {order.id}.", ""]
     for item in order.items:
         line_total = item["quantity"] * item["unit_price_cents"]
-        lines.append(f"  {item['quantity']} x {item['sku']}  {_money(line_total, order.currency)}")
-    lines += ["", f"Total charged: {_money(order.amount_cents, order.currency)}", ""]
+        lines.append(
+            f"  {item['quantity']} x {item['sku']}  {format_money(line_total, order.currency)}"
+        )
+    lines += ["", f"Total charged: {format_money(order.amount_cents, order.currency)}", ""]
     message.set_content("\n".join(lines))
     return message
-
-
-def _money(cents: int, currency: str) -> str:
-    return f"{cents // 100}.{cents % 100:02d} {currency}"
 
 
 class ReceiptActivities:

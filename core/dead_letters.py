@@ -139,6 +139,13 @@ class BulkRetryOutcome:
 class CommandUnconfirmed(Exception):
     """No worker took the command in time; the workflow may still apply it once one polls."""
 
+    def __init__(self, command: str, dead_letter_id: int, waited_seconds: float) -> None:
+        super().__init__(
+            f"{command} of dead letter {dead_letter_id} not confirmed within "
+            f"{waited_seconds:g} s: is a worker running? The workflow may still take it when one "
+            "is back; check the dead letter before trying again."
+        )
+
 
 # An update is answered by a worker; with none polling, the caller is told instead of waiting.
 COMMAND_TIMEOUT_SECONDS = 15.0
@@ -153,16 +160,9 @@ def _temporal_down(error: BaseException) -> DependencyUnavailable:
 
 
 class DeadLetterOperator:
-    def __init__(
-        self,
-        sessions: async_sessionmaker[AsyncSession],
-        client: Client,
-        *,
-        command_timeout: float | None = None,
-    ) -> None:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], client: Client) -> None:
         self._sessions = sessions
         self._client = client
-        self._command_timeout = command_timeout or COMMAND_TIMEOUT_SECONDS
 
     async def retry(self, dead_letter_id: int) -> DeadLetter:
         letter = await self._open_letter(dead_letter_id)
@@ -249,19 +249,17 @@ class DeadLetterOperator:
         self, letter: DeadLetter, update: str, argument: RetryStepInput | DiscardStepInput
     ) -> StepCommandResult:
         handle = self._client.get_workflow_handle(letter.workflow_id)
+        timeout = COMMAND_TIMEOUT_SECONDS
         try:
-            async with asyncio.timeout(self._command_timeout):
+            async with asyncio.timeout(timeout):
                 result: StepCommandResult = await handle.execute_update(
                     update, argument, result_type=StepCommandResult
                 )
             return result
         except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError) as silence:
             await self._server_reachable(silence)
-            raise CommandUnconfirmed(
-                f"{update} of dead letter {letter.id} was not confirmed within "
-                f"{self._command_timeout:g} s: is a worker running? The workflow may still take "
-                "it when one is back; check the dead letter before trying again."
-            ) from silence
+            command = "Retry" if isinstance(argument, RetryStepInput) else "Discard"
+            raise CommandUnconfirmed(command, letter.id, timeout) from silence
         except WorkflowUpdateFailedError as failure:
             cause = failure.cause
             reason = getattr(cause, "message", None) or str(cause)

@@ -23,11 +23,12 @@ from temporalio.exceptions import TimeoutError as ActivityTimeoutError
 
 with workflow.unsafe.imports_passed_through():
     from activities.dead_letters import DeadLetterActivities
-    from activities.orders import CANCELLABLE_STEPS, CANCELLED, OrderActivities
+    from activities.orders import CANCELLED, OrderActivities
     from activities.policy import PolicyActivities
     from activities.receipt import ReceiptActivities
     from activities.retry import DATABASE_UNAVAILABLE, PERMANENT_ERROR_TYPES
     from activities.warehouse import WarehouseActivities
+    from core.cancellation import CANCELLABLE_STEPS
     from core.contracts import (
         ORDER_STATUS_ATTRIBUTE,
         STEPS,
