@@ -235,8 +235,24 @@ class BulkRetryOutcome:
 class CommandUnconfirmed(Exception):
     """No worker took the command in time; the workflow may still apply it once one polls."""
 
+    def __init__(self, command: str, dead_letter_id: int, timeout: float) -> None:
+        self.command = command
+        self.dead_letter_id = dead_letter_id
+        self.timeout = timeout
+        super().__init__(self.describe(check="check the dead letter"))
+
+    def describe(self, command: str | None = None, *, check: str) -> str:
+        """What every tool tells its user: `command` names the command in the tool's words (the
+        update's name by default), `check` says how to see whether the workflow took it."""
+        return (
+            f"{command or self.command} of dead letter {self.dead_letter_id} not confirmed "
+            f"within {self.timeout:g} s: is a worker running? The workflow may still take it "
+            f"when one is back; {check} before trying again."
+        )
+
 
 # An update is answered by a worker; with none polling, the caller is told instead of waiting.
+# Read when an operator is made, so a test can shorten it.
 COMMAND_TIMEOUT_SECONDS = 15.0
 # After a command went unanswered: how long to ask whether the server itself is there.
 HEALTH_PROBE_SECONDS = 2.0
@@ -253,12 +269,10 @@ class DeadLetterOperator:
         self,
         sessions: async_sessionmaker[AsyncSession],
         client: Client,
-        *,
-        command_timeout: float | None = None,
     ) -> None:
         self._sessions = sessions
         self._client = client
-        self._command_timeout = command_timeout or COMMAND_TIMEOUT_SECONDS
+        self._command_timeout = COMMAND_TIMEOUT_SECONDS
 
     async def retry(self, dead_letter_id: int) -> DeadLetter:
         letter = await self._open_letter(dead_letter_id)
@@ -352,11 +366,7 @@ class DeadLetterOperator:
             return result
         except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError) as silence:
             await self._server_reachable(silence)
-            raise CommandUnconfirmed(
-                f"{update} of dead letter {letter.id} was not confirmed within "
-                f"{self._command_timeout:g} s: is a worker running? The workflow may still take "
-                "it when one is back; check the dead letter before trying again."
-            ) from silence
+            raise CommandUnconfirmed(update, letter.id, self._command_timeout) from silence
         except WorkflowUpdateFailedError as failure:
             cause = failure.cause
             reason = getattr(cause, "message", None) or str(cause)
