@@ -8,9 +8,9 @@ from temporalio import activity
 
 from core.cancellation import CANCELLABLE_STEPS, CancelVerdict, cancel_verdict
 from core.contracts import CancelOrderInput, CancelOrderResult
-from core.dead_letters import discard_letter
-from core.ledger import ACTIVE_DEAD_LETTER, refresh_order_status
-from core.models import DeadLetter, Order, OrderStep, StepStatus, utcnow
+from core.dead_letters import discard_active
+from core.models import Order, OrderStep, StepStatus, utcnow
+from core.order_status import refresh_order_status
 
 CANCELLED = "cancelled"
 TOO_LATE = "too_late"
@@ -43,18 +43,10 @@ class OrderActivities:
             for step in steps:
                 if step.status in (StepStatus.PENDING, StepStatus.DEAD_LETTERED):
                     step.status = StepStatus.SKIPPED
-            parked = (
-                await session.scalars(
-                    select(DeadLetter.id).where(
-                        DeadLetter.order_id == order.id,
-                        DeadLetter.step.in_(CANCELLABLE_STEPS),
-                        DeadLetter.status.in_(ACTIVE_DEAD_LETTER),
-                    )
-                )
-            ).all()
             reason = f"order cancelled{': ' + input.reason if input.reason else ''}"
-            for dead_letter_id in parked:
-                await discard_letter(session, dead_letter_id, reason=reason, actor=input.actor)
+            await discard_active(
+                session, order.id, CANCELLABLE_STEPS, reason=reason, actor=input.actor
+            )
             await session.flush()
             await refresh_order_status(session, order.id)
             return CancelOrderResult(order.id, CANCELLED)

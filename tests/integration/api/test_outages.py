@@ -1,7 +1,7 @@
-"""Dependency outages for real: the link between the API (or the outbox sweeper) and PostgreSQL
+"""Dependency outages for real: the link between the API (or the outbox relay) and PostgreSQL
 cut with a TCP proxy, and Temporal unreachable. The API answers 503 + Retry-After naming the
 dependency and logs one warning per burst; nothing is left half written; a client retrying with
-the same key gets its one order and one charge; the sweeper backs off and resumes."""
+the same key gets its one order and one charge; the relay backs off and resumes."""
 
 from __future__ import annotations
 
@@ -37,8 +37,8 @@ from core.models import (
     Step,
     WorkflowOutbox,
 )
-from core.outbox import run_sweeper
 from core.payments import ChargeResult, SandboxGateway
+from core.relay import run_relay
 from core.settings import Settings
 from devsinks.smtp import MailSink
 from tests.conftest import free_port
@@ -298,7 +298,7 @@ async def test_database_dying_inside_the_one_transaction_intake_leaves_nothing(
 
 
 @needs_postgres
-async def test_the_sweeper_rides_out_a_database_outage(
+async def test_the_relay_rides_out_a_database_outage(
     env: WorkflowEnvironment,
     settings: Settings,
     sessions: Sessions,
@@ -311,30 +311,28 @@ async def test_the_sweeper_rides_out_a_database_outage(
         await proxy.cut(refuse=False)  # accepted and reset: the proxy counts the attempts
         caplog.clear()
         with caplog.at_level(logging.INFO):
-            sweeper = asyncio.create_task(
-                run_sweeper(
-                    through,
-                    env.client,
-                    settings.TEMPORAL_TASK_QUEUE,
-                    grace=timedelta(0),
-                    interval=timedelta(seconds=0.05),
-                    failure_interval=timedelta(seconds=0.05),
-                    batch=10,
-                    stop=stop,
-                )
+            # The relay of the request and background modes: no grace, a pass every 0.05 s.
+            quick = settings.model_copy(
+                update={
+                    "WORKFLOW_START_MODE": "request",
+                    "OUTBOX_GRACE_SECONDS": 0,
+                    "OUTBOX_SWEEP_INTERVAL_SECONDS": 0.05,
+                    "OUTBOX_SWEEP_BATCH": 10,
+                }
             )
+            relay = asyncio.create_task(run_relay(through, env.client, quick, stop=stop))
             try:
-                await wait_until(lambda: len(proxy.reset_attempts) >= 6, message="6 sweeps")
+                await wait_until(lambda: len(proxy.reset_attempts) >= 6, message="6 passes")
                 attempts = proxy.reset_attempts
-                # Each failed sweep waits twice as long as the one before: 0.05 + 0.1 + 0.2 +
+                # Each failed pass waits twice as long as the one before: 0.05 + 0.1 + 0.2 +
                 # 0.4 + 0.8 s at least between the first and the sixth, where a fixed interval
                 # would have taken 0.25 s.
                 assert attempts[5] - attempts[0] >= 1.5
-                assert not sweeper.done()
+                assert not relay.done()
                 assert len(outage_lines(caplog, OUTAGE_WARNING)) == 1
                 assert not [r for r in caplog.records if r.exc_info]
 
-                order = order_row("sweep@example.com")
+                order = order_row("relay@example.com")
                 async with sessions.begin() as session:
                     session.add(order)
                     await session.flush()
@@ -348,14 +346,14 @@ async def test_the_sweeper_rides_out_a_database_outage(
                         )
                     return entry is not None and entry.started_at is not None
 
-                await wait_until(started, within=60, message="the sweeper started the workflow")
+                await wait_until(started, within=60, message="the relay started the workflow")
                 described = await env.client.get_workflow_handle(order.id).describe()
                 assert described.id == order.id
                 assert outage_lines(caplog, "database recovered after")
-                assert not sweeper.done()
+                assert not relay.done()
             finally:
                 stop.set()
-                await asyncio.wait_for(sweeper, 30)
+                await asyncio.wait_for(relay, 30)
                 await engine.dispose()
 
 

@@ -1,9 +1,10 @@
 """No order without its workflow: the outbox entry commits with the order, a start that fails
-after the commit still answers 202, and the worker's sweeper starts the workflow later."""
+after the commit still answers 202, and the worker's relay starts the workflow later."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -24,7 +25,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 
 from core.models import WorkflowOutbox
-from core.outbox import RELAY_CONCURRENCY, run_configured_sweeper, sweep_once, workflow_task_backlog
+from core.relay import RELAY_CONCURRENCY, relay_once, run_relay, workflow_task_backlog
 from core.settings import Settings
 from core.temporal import connect_temporal
 from devsinks.smtp import MailSink
@@ -94,16 +95,16 @@ async def workflow_exists(client: Client, order_id: str) -> bool:
 async def worker_process(
     sessions: async_sessionmaker[AsyncSession], client: Client, settings: Settings
 ) -> AsyncIterator[None]:
-    """What `python worker.py` runs: the worker and its sweeper (the relay in outbox mode) on
-    one client, so the relay's eager starts reach this worker."""
+    """What `python worker.py` runs: the worker and its relay on one client, so the relay's eager
+    starts (outbox mode) reach this worker."""
     async with running_worker(client, settings, sessions):
-        sweeper = asyncio.create_task(run_configured_sweeper(sessions, client, settings))
+        relay = asyncio.create_task(run_relay(sessions, client, settings))
         try:
             yield
         finally:
-            sweeper.cancel()
+            relay.cancel()
             with suppress(asyncio.CancelledError):
-                await sweeper
+                await relay
 
 
 def assert_followed_up_once(
@@ -117,8 +118,8 @@ def assert_followed_up_once(
 
 
 class RecordStarts(Interceptor):
-    """Notes every workflow start a client sends, to tell which sweeper started an order, and how
-    many starts were in flight as each began (itself included), to tell how a sweep overlaps
+    """Notes every workflow start a client sends, to tell which relay started an order, and how
+    many starts were in flight as each began (itself included), to tell how a pass overlaps
     them."""
 
     def __init__(self) -> None:
@@ -146,7 +147,7 @@ class _StartRecorder(OutboundInterceptor):
 
 
 @pytest.mark.parametrize("mode", ["request", "background"])
-async def test_failed_start_after_commit_answers_202_and_the_sweeper_completes_the_order(
+async def test_failed_start_after_commit_answers_202_and_the_relay_completes_the_order(
     mode: str,
     settings: Settings,
     unreachable: Settings,
@@ -171,7 +172,7 @@ async def test_failed_start_after_commit_answers_202_and_the_sweeper_completes_t
     assert "connect" in (entry.last_error or "").lower()
     assert not await workflow_exists(env.client, order_id)
 
-    # Temporal is reachable again: a worker with its sweeper finishes the order.
+    # Temporal is reachable again: a worker with its relay finishes the order.
     async with worker_process(sessions, env.client, settings), api_client(settings) as api:
         await wait_for_order_status(api, order_id, "completed")
 
@@ -179,6 +180,50 @@ async def test_failed_start_after_commit_answers_202_and_the_sweeper_completes_t
     assert entry is not None and entry.started_at is not None
     assert entry.start_attempts == 2
     assert_followed_up_once(mail, warehouse, order_id, body["customer_email"])
+
+
+async def test_a_temporal_outage_is_one_warning_in_the_api_and_one_in_the_relay(
+    unreachable: Settings,
+    sessions: async_sessionmaker[AsyncSession],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every start that Temporal being down defers is counted into its burst's one warning, in
+    the API's dispatcher and in the relay's loop, not logged once per order and per pass."""
+
+    def outage_warnings(logger: str) -> list[logging.LogRecord]:
+        return [
+            r
+            for r in caplog.records
+            if r.name == logger and r.getMessage().startswith("temporal unavailable")
+        ]
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        await place_pending_orders(unreachable, sessions, 3)
+        assert len(outage_warnings("api.dispatcher")) == 1
+
+        down = await connect_temporal(unreachable, lazy=True)
+        outbox = unreachable.model_copy(
+            update={
+                "WORKFLOW_START_MODE": "outbox",
+                "OUTBOX_RELAY_INTERVAL_SECONDS": 0.05,
+                "OUTBOX_SWEEP_INTERVAL_SECONDS": 0.05,
+            }
+        )
+        tried_before = await pending_start_attempts(sessions)
+        stop = asyncio.Event()
+        relay = asyncio.create_task(run_relay(sessions, down, outbox, stop=stop))
+        try:
+
+            async def three_passes_failed() -> bool:
+                return await pending_start_attempts(sessions) >= tried_before + 3
+
+            await wait_until(three_passes_failed, message="three passes' failed starts")
+        finally:
+            stop.set()
+            await asyncio.wait_for(relay, 30)
+        assert len(outage_warnings("core.relay")) == 1
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
 
 
 async def test_background_start_answers_202_and_the_order_completes(
@@ -202,7 +247,7 @@ async def test_background_start_answers_202_and_the_order_completes(
     assert len(warehouse.deliveries_for(order_id)) == 1
 
 
-async def test_sweeper_waits_out_the_grace_period_and_stops_at_a_failing_start(
+async def test_relay_waits_out_the_grace_period_and_stops_at_a_failing_start(
     settings: Settings,
     unreachable: Settings,
     env: WorkflowEnvironment,
@@ -210,31 +255,29 @@ async def test_sweeper_waits_out_the_grace_period_and_stops_at_a_failing_start(
 ) -> None:
     order_ids = await place_pending_orders(unreachable, sessions, 3)
 
-    # Within the grace period the request may still be starting it: the sweeper leaves it be.
-    assert (
-        await sweep_once(
-            sessions, env.client, settings.TEMPORAL_TASK_QUEUE, grace=timedelta(hours=1), batch=100
-        )
-        == 0
+    # Within the grace period the request may still be starting it: the relay leaves it be.
+    within_grace = await relay_once(
+        sessions, env.client, settings.TEMPORAL_TASK_QUEUE, grace=timedelta(hours=1), batch=100
     )
+    assert within_grace.started == 0
     assert not any([await workflow_exists(env.client, order_id) for order_id in order_ids])
 
-    # Temporal still down: one failed start ends the sweep instead of timing out every entry.
+    # Temporal still down: one failed start ends the pass instead of timing out every entry.
     down = await connect_temporal(unreachable, lazy=True)
     tried_before = await pending_start_attempts(sessions)
-    swept = await sweep_once(
+    relayed = await relay_once(
         sessions, down, settings.TEMPORAL_TASK_QUEUE, grace=timedelta(0), batch=100
     )
-    assert swept == 0
+    assert relayed.started == 0
     assert await pending_start_attempts(sessions) == tried_before + 1
 
-    await sweep_once(
+    await relay_once(
         sessions, env.client, settings.TEMPORAL_TASK_QUEUE, grace=timedelta(0), batch=100
     )
     assert all([await workflow_exists(env.client, order_id) for order_id in order_ids])
 
 
-async def test_concurrent_sweepers_start_every_order_and_split_the_batch_on_postgresql(
+async def test_concurrent_relays_start_every_order_and_split_the_batch_on_postgresql(
     settings: Settings,
     unreachable: Settings,
     env: WorkflowEnvironment,
@@ -246,7 +289,7 @@ async def test_concurrent_sweepers_start_every_order_and_split_the_batch_on_post
 
     await asyncio.gather(
         *(
-            sweep_once(
+            relay_once(
                 sessions, client, settings.TEMPORAL_TASK_QUEUE, grace=timedelta(0), batch=100
             )
             for client in clients
@@ -266,7 +309,7 @@ async def test_concurrent_sweepers_start_every_order_and_split_the_batch_on_post
     assert all(e.started_at is not None for e in entries)
     assert all([await workflow_exists(env.client, order_id) for order_id in order_ids])
     if sessions.kw["bind"].dialect.name == "postgresql":
-        # FOR UPDATE SKIP LOCKED: each order was claimed, and started, by one sweeper only.
+        # FOR UPDATE SKIP LOCKED: each order was claimed, and started, by one relay only.
         assert set(starts.values()) == {1}, starts
 
 
@@ -326,7 +369,7 @@ async def test_outbox_mode_takes_orders_while_temporal_is_unreachable_and_never_
     assert not await workflow_exists(env.client, order_id)
 
 
-async def test_one_sweep_starts_a_large_batch_in_concurrent_waves_and_marks_every_entry(
+async def test_one_relay_pass_starts_a_large_batch_in_concurrent_waves_and_marks_every_entry(
     settings: Settings,
     unreachable: Settings,
     env: WorkflowEnvironment,
@@ -336,15 +379,15 @@ async def test_one_sweep_starts_a_large_batch_in_concurrent_waves_and_marks_ever
     recorder = RecordStarts()
     client = await connect_temporal(settings, interceptors=[recorder])
     # Other tests' entries may be pending too, and the fewest attempts go first: a batch of every
-    # pending entry makes sure this one sweep reaches all 40.
+    # pending entry makes sure this one pass reaches all 40.
     pending = await count_rows(sessions, WorkflowOutbox, WorkflowOutbox.started_at.is_(None))
     assert pending >= 40
 
-    swept = await sweep_once(
+    relayed = await relay_once(
         sessions, client, settings.TEMPORAL_TASK_QUEUE, grace=timedelta(0), batch=pending
     )
 
-    assert swept >= 40
+    assert relayed.started >= 40
     assert all(recorder.workflow_ids.count(order_id) == 1 for order_id in order_ids)
     # The first start alone (the second began after it ended), then waves of RELAY_CONCURRENCY.
     assert recorder.in_flight_at_start[:2] == [1, 1], recorder.in_flight_at_start
@@ -356,7 +399,7 @@ async def test_one_sweep_starts_a_large_batch_in_concurrent_waves_and_marks_ever
             )
         ).all()
     assert len(entries) == 40
-    # One failed start (the API's) and this sweep's.
+    # One failed start (the API's) and this pass's.
     assert all(e.started_at is not None and e.start_attempts == 2 for e in entries)
     assert all([await workflow_exists(env.client, order_id) for order_id in order_ids])
 
@@ -372,18 +415,18 @@ async def test_the_relay_leaves_entries_in_the_outbox_while_the_servers_backlog_
     still_pending = WorkflowOutbox.started_at.is_(None)
     pending = await count_rows(sessions, WorkflowOutbox, still_pending)
 
-    started = await sweep_once(
+    relayed = await relay_once(
         sessions, env.client, queue, grace=timedelta(0), batch=pending, max_backlog=2
     )
-    assert started == 2
+    assert relayed.started == 2
     assert await count_rows(sessions, WorkflowOutbox, still_pending) == pending - 2
 
     async def backlog_is_full() -> bool:
         return await workflow_task_backlog(env.client, queue) == 2
 
     await wait_until(backlog_is_full, within=15, message="the server reports a backlog of 2")
-    held = await sweep_once(
+    backlog_full = await relay_once(
         sessions, env.client, queue, grace=timedelta(0), batch=pending, max_backlog=2
     )
-    assert held == 0
+    assert backlog_full.started == 0
     assert await count_rows(sessions, WorkflowOutbox, still_pending) == pending - 2
