@@ -107,7 +107,7 @@ async def test_temporal_server_killed_and_restarted(system: System) -> None:
         figures = await stack.finish(
             injected=f"{count} orders at 15/s; the Temporal server SIGKILLed after {count // 3} "
             f"and restarted on its database file ({downtime:.1f} s down)",
-            checked="invariants; orders accepted while it was down started by the sweeper",
+            checked="invariants; orders accepted while it was down started by the relay",
             repeats_allowed=True,
             drain_from=drain_from,
             extra={"server_down_seconds": round(downtime, 1)},
@@ -117,7 +117,7 @@ async def test_temporal_server_killed_and_restarted(system: System) -> None:
 
 async def test_api_killed_between_commit_and_start(system: System) -> None:
     """An API process dies right after committing an order, before it starts the workflow (the
-    fault point FAULT_EXIT_AFTER_ORDER_COMMIT); the sweeper starts it. Half of those orders the
+    fault point FAULT_EXIT_AFTER_ORDER_COMMIT); the relay starts it. Half of those orders the
     client retries with the same key on another API process (and gets the same order), half it
     abandons; a stream through the healthy API processes runs meanwhile."""
     faults = int(size("API_KILLS", 4))
@@ -149,7 +149,7 @@ async def test_api_killed_between_commit_and_start(system: System) -> None:
             injected=f"{faults} times an API process exited between the order commit and the "
             "workflow start; half the clients retried with the same key, half gave up",
             checked="invariants; each order the dead process committed was started by a "
-            "worker's sweeper and completed",
+            "worker's relay and completed",
             repeats_allowed=False,
             drain_from=drain_from,
             accepted=committed,

@@ -1,5 +1,5 @@
 """SIGTERM to a worker process: it stops taking work, lets the running activity finish within
-WORKER_GRACEFUL_SHUTDOWN_SECONDS, closes its sweeper and database cleanly and exits 0; nothing
+WORKER_GRACEFUL_SHUTDOWN_SECONDS, closes its relay and database cleanly and exits 0; nothing
 is lost, because what it did not finish another worker does.
 
 The activity in flight is an activity task: every attempt is one here (STEP_FIRST_ATTEMPT=
@@ -33,7 +33,7 @@ from tests.worker_processes import (
     workflow_task_identities,
 )
 
-# What a clean stop must not print: a traceback, a task destroyed while pending (the sweeper),
+# What a clean stop must not print: a traceback, a task destroyed while pending (the relay),
 # an exception swallowed at exit (a connection closed after the engine).
 UNCLEAN = ("Traceback", "Task was destroyed", "Exception ignored", " ERROR ")
 

@@ -111,7 +111,7 @@ async def test_a_start_that_finds_the_workflow_running_counts_as_deduplicated_by
     assert value(await scrape(api), ORDERS_DEDUPLICATED, by="workflow_id") == value(
         before, ORDERS_DEDUPLICATED, by="workflow_id"
     )
-    # A second start of the same order (as the sweeper would make) finds it running.
+    # A second start of the same order (as the relay would make) finds it running.
     client = await connect_temporal(settings, interceptors=[WorkflowStartMetrics()])
     await start_order_workflow(client, placed.json()["order_id"], settings.TEMPORAL_TASK_QUEUE)
     after = await scrape(api)
