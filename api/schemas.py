@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -16,6 +17,10 @@ from pydantic import (
 )
 
 from api.limits import reject_card_data
+from core.models import Step
+
+if TYPE_CHECKING:
+    from core.models import DeadLetter, Order, OrderStep
 
 
 def _storable(value: str) -> str:
@@ -128,6 +133,28 @@ class OrderOut(BaseModel):
     cancelled_at: datetime | None
     steps: list[StepOut]
 
+    @classmethod
+    def of(cls, order: Order, steps: Sequence[OrderStep]) -> OrderOut:
+        return cls(
+            order_id=order.id,
+            status=order.status,
+            amount_cents=order.amount_cents,
+            currency=order.currency,
+            items=[OrderItemIn.model_validate(item) for item in order.items],
+            created_at=order.created_at,
+            cancelled_at=order.cancelled_at,
+            steps=[
+                StepOut(
+                    step=step.step,
+                    status=step.status,
+                    attempts=step.attempts,
+                    last_error=step.last_error,
+                    updated_at=step.updated_at,
+                )
+                for step in steps
+            ],
+        )
+
 
 class OrderCancelAccepted(BaseModel):
     order_id: str
@@ -169,6 +196,32 @@ class DeadLetterCommandAccepted(BaseModel):
     order_id: str
     step: str
     status: str
+
+    @classmethod
+    def of(cls, letter: DeadLetter) -> DeadLetterCommandAccepted:
+        return cls(
+            dead_letter_id=letter.id,
+            order_id=letter.order_id,
+            step=letter.step,
+            status=letter.status,
+        )
+
+
+class BulkRetryIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    step: Step | None = None
+    error_type: StorableStr | None = Field(default=None, max_length=200)
+    order_id: StorableStr | None = Field(default=None, max_length=40)
+    per_second: float = Field(default=5.0, gt=0, le=100)
+    limit: int = Field(default=100, ge=1, le=1000)
+
+
+class BulkRetryAccepted(BaseModel):
+    retried: list[int]
+    # Matching letters that could not be redriven, with the reason (e.g. their workflow closed).
+    rejected: dict[int, str]
+    elapsed_seconds: float
 
 
 class DiscardIn(BaseModel):

@@ -17,10 +17,11 @@ from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
     from activities.dead_letters import DeadLetterActivities
-    from activities.orders import CANCELLABLE_STEPS, OrderActivities
+    from activities.orders import OrderActivities
     from activities.policy import PolicyActivities
     from activities.receipt import ReceiptActivities
     from activities.warehouse import WarehouseActivities
+    from core.cancellation import CANCELLABLE_STEPS
     from core.contracts import (
         ORDER_STATUS_ATTRIBUTE,
         STEPS,

@@ -1,17 +1,19 @@
-"""The dead letters an operator reviews, retries and discards."""
+"""The dead letters an operator reviews, retries and discards. The operator's refusals become
+404, 409 and 504 in `api/errors.py`."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import APIRouter, Depends, Path, Query
 
-from api.deps import SessionsDep, TemporalDep, require_admin_key
+from api.deps import OperatorDep, SessionsDep, require_admin_key
 from api.errors import answers
 from api.limits import require_json
 from api.schemas import (
     MAX_DB_INT,
+    BulkRetryAccepted,
+    BulkRetryIn,
     DbId,
     DeadLetterCommandAccepted,
     DeadLetterOut,
@@ -19,16 +21,8 @@ from api.schemas import (
     DiscardIn,
     StorableStr,
 )
-from core.dead_letters import (
-    CommandRejected,
-    CommandUnconfirmed,
-    DeadLetterFilter,
-    DeadLetterNotFound,
-    DeadLetterOperator,
-    get_dead_letter,
-    list_dead_letters,
-)
-from core.models import DeadLetter, DeadLetterStatus, Step
+from core.dead_letters import DeadLetterFilter, get_dead_letter, list_dead_letters
+from core.models import DeadLetterStatus, Step
 
 router = APIRouter(
     prefix="/dead-letters",
@@ -40,29 +34,6 @@ router = APIRouter(
 StatusFilter = Annotated[DeadLetterStatus | None, Query()]
 StepFilter = Annotated[Step | None, Query()]
 DeadLetterId = Annotated[DbId, Path()]
-
-
-class BulkRetryIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    step: Step | None = None
-    error_type: StorableStr | None = Field(default=None, max_length=200)
-    order_id: StorableStr | None = Field(default=None, max_length=40)
-    per_second: float = Field(default=5.0, gt=0, le=100)
-    limit: int = Field(default=100, ge=1, le=1000)
-
-
-class BulkRetryAccepted(BaseModel):
-    retried: list[int]
-    # Matching letters that could not be redriven, with the reason (e.g. their workflow closed).
-    rejected: dict[int, str]
-    elapsed_seconds: float
-
-
-def _accepted(letter: DeadLetter) -> DeadLetterCommandAccepted:
-    return DeadLetterCommandAccepted(
-        dead_letter_id=letter.id, order_id=letter.order_id, step=letter.step, status=letter.status
-    )
 
 
 @router.get("", response_model=DeadLetterPage)
@@ -95,11 +66,9 @@ async def list_letters(
     responses=answers(400, 413, 415),
     dependencies=[Depends(require_json)],
 )
-async def retry_many(
-    body: BulkRetryIn, sessions: SessionsDep, temporal: TemporalDep
-) -> BulkRetryAccepted:
+async def retry_many(body: BulkRetryIn, operator: OperatorDep) -> BulkRetryAccepted:
     """Retry every open dead letter that matches, paced at `per_second`."""
-    outcome = await DeadLetterOperator(sessions, temporal).retry_matching(
+    outcome = await operator.retry_matching(
         DeadLetterFilter(step=body.step, error_type=body.error_type, order_id=body.order_id),
         per_second=body.per_second,
         limit=body.limit,
@@ -114,11 +83,8 @@ async def retry_many(
 @router.get("/{dead_letter_id}", response_model=DeadLetterOut, responses=answers(404))
 async def get_letter(dead_letter_id: DeadLetterId, sessions: SessionsDep) -> DeadLetterOut:
     """One dead letter."""
-    try:
-        async with sessions() as session:
-            return DeadLetterOut.model_validate(await get_dead_letter(session, dead_letter_id))
-    except DeadLetterNotFound as missing:
-        raise HTTPException(404, str(missing)) from missing
+    async with sessions() as session:
+        return DeadLetterOut.model_validate(await get_dead_letter(session, dead_letter_id))
 
 
 @router.post(
@@ -128,18 +94,10 @@ async def get_letter(dead_letter_id: DeadLetterId, sessions: SessionsDep) -> Dea
     responses=answers(404, 409, 504),
 )
 async def retry_letter(
-    dead_letter_id: DeadLetterId, sessions: SessionsDep, temporal: TemporalDep
+    dead_letter_id: DeadLetterId, operator: OperatorDep
 ) -> DeadLetterCommandAccepted:
     """Run the parked step again with a fresh retry budget."""
-    try:
-        letter = await DeadLetterOperator(sessions, temporal).retry(dead_letter_id)
-    except DeadLetterNotFound as missing:
-        raise HTTPException(404, str(missing)) from missing
-    except CommandRejected as rejected:
-        raise HTTPException(409, str(rejected)) from rejected
-    except CommandUnconfirmed as unconfirmed:
-        raise HTTPException(504, str(unconfirmed)) from unconfirmed
-    return _accepted(letter)
+    return DeadLetterCommandAccepted.of(await operator.retry(dead_letter_id))
 
 
 @router.post(
@@ -149,17 +107,8 @@ async def retry_letter(
     dependencies=[Depends(require_json)],
 )
 async def discard_letter(
-    dead_letter_id: DeadLetterId, body: DiscardIn, sessions: SessionsDep, temporal: TemporalDep
+    dead_letter_id: DeadLetterId, body: DiscardIn, operator: OperatorDep
 ) -> DeadLetterCommandAccepted:
     """Give up on the parked step, recording who and why."""
-    try:
-        letter = await DeadLetterOperator(sessions, temporal).discard(
-            dead_letter_id, body.reason, body.actor
-        )
-    except DeadLetterNotFound as missing:
-        raise HTTPException(404, str(missing)) from missing
-    except CommandRejected as rejected:
-        raise HTTPException(409, str(rejected)) from rejected
-    except CommandUnconfirmed as unconfirmed:
-        raise HTTPException(504, str(unconfirmed)) from unconfirmed
-    return _accepted(letter)
+    letter = await operator.discard(dead_letter_id, body.reason, body.actor)
+    return DeadLetterCommandAccepted.of(letter)
