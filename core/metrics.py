@@ -43,7 +43,6 @@ DATABASE_UP = "orderflow_database_up"
 STEP_ATTEMPTS = "orderflow_step_attempts_total"
 SIDE_EFFECT_DURATION = "orderflow_side_effect_duration_seconds"
 
-STEP_OUTCOMES = ("succeeded", "retried", "failed_permanent", "dead_lettered")
 DEDUPLICATED_BY = ("key", "workflow_id")
 
 ORDERFLOW_METRICS = frozenset(

@@ -20,6 +20,7 @@ from temporalio.client import (
 from temporalio.service import RPCError
 
 from core.contracts import STEPS, OrderWorkflowStatus
+from core.names import STATUS_QUERY
 
 QUERY_TIMEOUT = timedelta(seconds=3)
 
@@ -88,7 +89,7 @@ async def workflow_view(client: Client, workflow_id: str) -> WorkflowView:
 
     async def query() -> OrderWorkflowStatus:
         status: OrderWorkflowStatus = await handle.query(
-            "status", result_type=OrderWorkflowStatus, rpc_timeout=QUERY_TIMEOUT
+            STATUS_QUERY, result_type=OrderWorkflowStatus, rpc_timeout=QUERY_TIMEOUT
         )
         return status
 
