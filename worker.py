@@ -1,6 +1,6 @@
 """The worker process: builds the clients the activities use, runs OrderWorkflow, the bulk
-redrives' RedriveWorkflow and their activities on the task queue, sweeps the outbox for orders
-whose workflow never started, and keeps the retention cleanup's Temporal Schedule up to date
+redrives' RedriveWorkflow and their activities on the task queue, relays the outbox's orders
+whose workflow nobody started, and keeps the retention cleanup's Temporal Schedule up to date
 (RetentionWorkflow runs here too).
 
 Run it with `python worker.py`; it reads the same environment variables as the API."""
@@ -33,7 +33,7 @@ from activities.smtp import SmtpMailer
 from activities.warehouse import WarehouseActivities
 from core.db import create_engine, create_sessionmaker
 from core.logging import configure_logging
-from core.outbox import run_configured_sweeper
+from core.relay import run_relay
 from core.retention import ensure_retention_schedule
 from core.settings import Settings, get_settings
 from core.temporal import connect_temporal
@@ -43,8 +43,8 @@ from workflows.redrive import RedriveWorkflow
 from workflows.retention import RetentionWorkflow
 
 log = logging.getLogger("orderflow.worker")
-# Ample for the sweep in progress to finish normally; one stuck longer is cancelled.
-SWEEPER_STOP_SECONDS = 15.0
+# Ample for the relay's pass in progress to finish normally; one stuck longer is cancelled.
+RELAY_STOP_SECONDS = 15.0
 
 
 def create_activities(
@@ -144,16 +144,17 @@ async def run(settings: Settings) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
 
-        sweeper = asyncio.create_task(
-            run_configured_sweeper(sessions, client, settings, stop=stop),
-            name="outbox-sweeper",
+        relay = asyncio.create_task(
+            run_relay(sessions, client, settings, stop=stop), name="outbox-relay"
         )
         running = asyncio.create_task(worker.run(), name="worker")
         log.info("worker polling task queue %s", settings.TEMPORAL_TASK_QUEUE)
         stopped = asyncio.create_task(stop.wait())
-        await asyncio.wait({running, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        # A relay that ended on its own failed: the worker stops with it rather than run on
+        # without one (in outbox mode nothing else starts workflows), and says why below.
+        await asyncio.wait({running, stopped, relay}, return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
-        stop.set()  # the sweeper ends after the sweep in progress
+        stop.set()  # the relay ends after its pass in progress
         try:
             if not running.done():
                 # Stops polling at once and lets running activities finish within the grace period.
@@ -161,12 +162,12 @@ async def run(settings: Settings) -> None:
                 await worker.shutdown()
             await running
         finally:
-            # Awaited, not cancelled: a sweep cut off mid-query breaks its database connection,
+            # Awaited, not cancelled: a pass cut off mid-query breaks its database connection,
             # and the engine is disposed right after this.
             try:
-                await asyncio.wait_for(sweeper, SWEEPER_STOP_SECONDS)
+                await asyncio.wait_for(relay, RELAY_STOP_SECONDS)
             except TimeoutError:
-                log.warning("outbox sweeper still busy after %ss; cancelled", SWEEPER_STOP_SECONDS)
+                log.warning("outbox relay still busy after %ss; cancelled", RELAY_STOP_SECONDS)
         log.info("worker stopped")
 
 

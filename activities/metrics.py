@@ -25,10 +25,11 @@ from temporalio.worker import (
 from activities.retry import PERMANENT_ERROR_TYPES
 from core.contracts import STEPS, StepInput
 from core.metrics import LATENCY_BUCKETS, SIDE_EFFECT_DURATION, STEP_ATTEMPTS
+from core.names import RECORD_DEAD_LETTER_ACTIVITY
+from core.states import AttemptOutcome
 
 log = logging.getLogger(__name__)
 
-RECORD_DEAD_LETTER = "record_dead_letter"
 # Finer than the SDK's defaults: a task waiting 0.5 s for a worker is already worth seeing.
 SCHEDULE_TO_START_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -61,7 +62,7 @@ def worker_runtime(bind_address: str) -> Runtime | None:
         return None
 
 
-def record_step_attempt(step: str, outcome: str) -> None:
+def record_step_attempt(step: str, outcome: AttemptOutcome) -> None:
     activity.metric_meter().create_counter(
         STEP_ATTEMPTS,
         "Step attempts by outcome: succeeded, retried (failed, retryable), failed_permanent "
@@ -81,7 +82,7 @@ def side_effect_timer(step: str) -> Iterator[None]:
         ).record(time.perf_counter() - started, {"step": step})
 
 
-def attempt_outcome(error: BaseException | None) -> str:
+def attempt_outcome(error: BaseException | None) -> AttemptOutcome:
     if error is None:
         return "succeeded"
     if isinstance(error, ApplicationError) and (
@@ -134,7 +135,7 @@ class _StepMetricsInbound(ActivityInboundInterceptor):
             )
             return result
         result = await super().execute_activity(input)
-        if activity_type == RECORD_DEAD_LETTER and input.args:
+        if activity_type == RECORD_DEAD_LETTER_ACTIVITY and input.args:
             record_step_attempt(str(getattr(input.args[0], "step", "unknown")), "dead_lettered")
         return result
 

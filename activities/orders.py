@@ -6,16 +6,12 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio import activity
 
+from core.cancellation import CANCELLABLE_STEPS, CancelVerdict, cancel_verdict
 from core.contracts import CancelOrderInput, CancelOrderResult
-from core.dead_letters import discard_letter
-from core.ledger import ACTIVE_DEAD_LETTER, refresh_order_status
-from core.models import DeadLetter, Order, OrderStep, Step, StepStatus, utcnow
-
-# The follow-ups a cancel stops. The receipt is not one: the card was charged, and the receipt is
-# the customer's record of that charge.
-CANCELLABLE_STEPS = (Step.NOTIFY_WAREHOUSE.value,)
-CANCELLED = "cancelled"
-TOO_LATE = "too_late"
+from core.dead_letters import discard_active
+from core.models import Order, OrderStep, utcnow
+from core.order_status import refresh_order_status
+from core.states import CancelOutcome, StepStatus
 
 
 class OrderActivities:
@@ -29,8 +25,6 @@ class OrderActivities:
             order = await session.get(Order, input.order_id, with_for_update=True)
             if order is None:
                 raise LookupError(f"order {input.order_id} does not exist")
-            if order.cancelled_at is not None:
-                return CancelOrderResult(order.id, CANCELLED)
             steps = (
                 await session.scalars(
                     select(OrderStep).where(
@@ -38,24 +32,19 @@ class OrderActivities:
                     )
                 )
             ).all()
-            if any(step.status == StepStatus.SUCCEEDED for step in steps):
-                return CancelOrderResult(order.id, TOO_LATE)
+            verdict = cancel_verdict(order, steps)
+            if verdict == CancelVerdict.ALREADY_CANCELLED:
+                return CancelOrderResult(order.id, CancelOutcome.CANCELLED)
+            if verdict == CancelVerdict.TOO_LATE:
+                return CancelOrderResult(order.id, CancelOutcome.TOO_LATE)
             order.cancelled_at = utcnow()
             for step in steps:
                 if step.status in (StepStatus.PENDING, StepStatus.DEAD_LETTERED):
                     step.status = StepStatus.SKIPPED
-            parked = (
-                await session.scalars(
-                    select(DeadLetter.id).where(
-                        DeadLetter.order_id == order.id,
-                        DeadLetter.step.in_(CANCELLABLE_STEPS),
-                        DeadLetter.status.in_(ACTIVE_DEAD_LETTER),
-                    )
-                )
-            ).all()
             reason = f"order cancelled{': ' + input.reason if input.reason else ''}"
-            for dead_letter_id in parked:
-                await discard_letter(session, dead_letter_id, reason=reason, actor=input.actor)
+            await discard_active(
+                session, order.id, CANCELLABLE_STEPS, reason=reason, actor=input.actor
+            )
             await session.flush()
             await refresh_order_status(session, order.id)
-            return CancelOrderResult(order.id, CANCELLED)
+            return CancelOrderResult(order.id, CancelOutcome.CANCELLED)

@@ -10,19 +10,16 @@ import aiosmtplib
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio import activity
 
-from activities.checkpoint import (
-    AFTER_EFFECT,
-    AFTER_RECORD,
-    BEFORE_EFFECT,
-    Checkpoint,
-    no_checkpoint,
-)
+from activities.checkpoint import BEFORE_EFFECT, Checkpoint, no_checkpoint
 from activities.metrics import side_effect_timer
 from activities.retry import Backoff, LedgerOutages, permanent, step_attempt
+from activities.step_ledger import StepLedger
 from core.contracts import StepInput, StepResult
-from core.ledger import begin_attempt, effect_key, record_failed_attempt, record_success
-from core.models import Order, Step, StepStatus
+from core.ledger import effect_key
+from core.models import Order
+from core.money import format_money
 from core.settings import Settings
+from core.states import Step, StepOutcome, StepStatus
 
 STEP = Step.SEND_RECEIPT.value
 
@@ -46,14 +43,12 @@ def build_receipt(order: Order, sender: str) -> EmailMessage:
     lines = [f"Thank you for your order {order.id}.", ""]
     for item in order.items:
         line_total = item["quantity"] * item["unit_price_cents"]
-        lines.append(f"  {item['quantity']} x {item['sku']}  {_money(line_total, order.currency)}")
-    lines += ["", f"Total charged: {_money(order.amount_cents, order.currency)}", ""]
+        lines.append(
+            f"  {item['quantity']} x {item['sku']}  {format_money(line_total, order.currency)}"
+        )
+    lines += ["", f"Total charged: {format_money(order.amount_cents, order.currency)}", ""]
     message.set_content("\n".join(lines))
     return message
-
-
-def _money(cents: int, currency: str) -> str:
-    return f"{cents // 100}.{cents % 100:02d} {currency}"
 
 
 class ReceiptActivities:
@@ -67,20 +62,20 @@ class ReceiptActivities:
         outages: LedgerOutages | None = None,
         checkpoint: Checkpoint | None = None,
     ) -> None:
-        self._sessions = sessions
         self._mailer = mailer
         self._backoff = backoff
-        self._outages = outages or LedgerOutages(backoff)
         self._sender = settings.RECEIPT_FROM
         self._checkpoint = checkpoint or no_checkpoint
+        self._ledger = StepLedger(
+            sessions, STEP, outages or LedgerOutages(backoff), self._checkpoint
+        )
 
     @activity.defn(name="send_receipt")
     async def send_receipt(self, input: StepInput) -> StepResult:
         attempt = step_attempt(input)
-        with self._outages.guard(attempt, "reading the ledger"):
-            order, step = await begin_attempt(self._sessions, input, STEP, attempt)
+        order, step = await self._ledger.begin(input, attempt)
         if step.status == StepStatus.SUCCEEDED:
-            return StepResult(input.order_id, STEP, "already_done")
+            return StepResult(input.order_id, STEP, StepOutcome.ALREADY_DONE)
         message = build_receipt(order, self._sender)
 
         await self._checkpoint(BEFORE_EFFECT)
@@ -109,24 +104,13 @@ class ReceiptActivities:
             failed = self._backoff.retryable(error, error_type="SmtpUnavailable", attempt=attempt)
             cause = failure
         else:
-            # Success is recorded only now that the sink has the message: a crash before this
-            # line sends it again on the retry, with the same Message-ID for the receiver to drop.
-            await self._checkpoint(AFTER_EFFECT)
-            with self._outages.guard(attempt, "recording the receipt sent"):
-                async with self._sessions.begin() as session:
-                    await record_success(
-                        session,
-                        input.order_id,
-                        STEP,
-                        attempt,
-                        {"message_id": message["Message-ID"]},
-                    )
-            await self._checkpoint(AFTER_RECORD)
-            return StepResult(input.order_id, STEP, "performed")
+            # A repeat after a crash carries the same Message-ID, for the receiver to drop.
+            return await self._ledger.succeeded(
+                input,
+                attempt,
+                {"message_id": message["Message-ID"]},
+                recording="recording the receipt sent",
+            )
 
-        # Recorded outside the except clauses, so a database error here is not chained to the
-        # SMTP error (the outage classifier follows the chain, and an SMTP OSError is no outage).
-        # A failure that cannot be recorded is retried as the database's: nothing was sent.
-        with self._outages.guard(attempt, "recording a failed attempt", error):
-            await record_failed_attempt(self._sessions, input.order_id, STEP, attempt, error)
+        await self._ledger.failed(input, attempt, error)
         raise failed from cause

@@ -10,13 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.checkpoint import (
-    AFTER_EFFECT,
-    AFTER_RECORD,
-    BEFORE_EFFECT,
-    Checkpoint,
-    no_checkpoint,
-)
+from activities.checkpoint import BEFORE_EFFECT, Checkpoint, no_checkpoint
 from activities.metrics import side_effect_timer
 from activities.retry import (
     Backoff,
@@ -25,14 +19,16 @@ from activities.retry import (
     permanent,
     step_attempt,
 )
+from activities.step_ledger import StepLedger
 from core.contracts import StepInput, StepResult
-from core.ledger import begin_attempt, effect_key, record_failed_attempt, record_success
-from core.models import Order, Step, StepStatus
+from core.ledger import effect_key
+from core.models import Order
 from core.settings import Settings
 from core.signing import SIGNATURE_HEADER, sign
+from core.states import Step, StepOutcome, StepStatus
 
 STEP = Step.NOTIFY_WAREHOUSE.value
-# Statuses that can succeed later (the contract of issue 2); any other 4xx means the request
+# Statuses that can succeed later (the warehouse's contract); any other 4xx means the request
 # itself is wrong.
 RETRYABLE_CLIENT_ERRORS = frozenset({408, 429})
 RETRY_AFTER_STATUSES = frozenset({429, 503})
@@ -60,25 +56,25 @@ class WarehouseActivities:
         outages: LedgerOutages | None = None,
         checkpoint: Checkpoint | None = None,
     ) -> None:
-        self._sessions = sessions
         self._http = http
         self._backoff = backoff
-        self._outages = outages or LedgerOutages(backoff)
         self._url = settings.WAREHOUSE_WEBHOOK_URL
         self._secret = settings.webhook_secret
         self._timeout = settings.WEBHOOK_TIMEOUT_SECONDS
         self._checkpoint = checkpoint or no_checkpoint
+        self._ledger = StepLedger(
+            sessions, STEP, outages or LedgerOutages(backoff), self._checkpoint
+        )
 
     @activity.defn(name="notify_warehouse")
     async def notify_warehouse(self, input: StepInput) -> StepResult:
         attempt = step_attempt(input)
-        with self._outages.guard(attempt, "reading the ledger"):
-            order, step = await begin_attempt(self._sessions, input, STEP, attempt)
+        order, step = await self._ledger.begin(input, attempt)
         if step.status == StepStatus.SUCCEEDED:
-            return StepResult(input.order_id, STEP, "already_done")
+            return StepResult(input.order_id, STEP, StepOutcome.ALREADY_DONE)
         if order.cancelled_at is not None:
             # Cancelled before this attempt: the warehouse must not hear of the order.
-            return StepResult(input.order_id, STEP, "skipped")
+            return StepResult(input.order_id, STEP, StepOutcome.SKIPPED)
         body = json.dumps(warehouse_payload(order), separators=(",", ":")).encode()
 
         headers = {
@@ -97,33 +93,23 @@ class WarehouseActivities:
             failed = self._backoff.retryable(
                 error, error_type="WarehouseUnavailable", attempt=attempt
             )
-            # Recorded outside the except clause, so a database error here is not chained to
-            # the HTTP error, which the outage classifier would follow.
+            # Recorded after the except clause (see StepLedger.failed), then raised from it.
             unreachable: httpx.HTTPError | None = failure
         else:
             unreachable = None
             if response.is_success:
-                # Success is recorded only now that the warehouse has it: a crash before this
-                # line delivers again on the retry, with the same Idempotency-Key to drop.
-                await self._checkpoint(AFTER_EFFECT)
-                with self._outages.guard(attempt, "recording the delivery"):
-                    async with self._sessions.begin() as session:
-                        await record_success(
-                            session,
-                            input.order_id,
-                            STEP,
-                            attempt,
-                            {"http_status": response.status_code},
-                        )
-                await self._checkpoint(AFTER_RECORD)
-                return StepResult(input.order_id, STEP, "performed")
+                # A repeat after a crash carries the same Idempotency-Key, for it to drop.
+                return await self._ledger.succeeded(
+                    input,
+                    attempt,
+                    {"http_status": response.status_code},
+                    recording="recording the delivery",
+                )
             error = f"warehouse answered {response.status_code}: {response.text[:200]}"
             failed = self._failure(response, error, attempt)
 
-        # A failure that cannot be recorded is retried as the database's: the warehouse did not
-        # take the order, and the retry asks it again (a rejection is dead-lettered then).
-        with self._outages.guard(attempt, "recording a failed attempt", error):
-            await record_failed_attempt(self._sessions, input.order_id, STEP, attempt, error)
+        # A rejection that could not be recorded is dead-lettered on the retry's answer.
+        await self._ledger.failed(input, attempt, error)
         if unreachable is not None:
             raise failed from unreachable
         raise failed

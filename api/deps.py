@@ -16,8 +16,10 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.datastructures import Headers
 from temporalio.client import Client
 
+from api.admin.redrives import BulkRedrives
 from api.dispatcher import WorkflowDispatcher
 from api.intake import OrderIntake
+from core.dead_letters import DeadLetterOperator
 from core.settings import Settings
 
 
@@ -47,11 +49,24 @@ async def get_dispatcher(request: Request) -> WorkflowDispatcher:
     return cast(WorkflowDispatcher, request.app.state.dispatcher)
 
 
+async def get_redrives(request: Request) -> BulkRedrives:
+    return cast(BulkRedrives, request.app.state.redrives)
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionsDep = Annotated[async_sessionmaker[AsyncSession], Depends(get_sessions)]
 TemporalDep = Annotated[Client, Depends(get_temporal)]
 IntakeDep = Annotated[OrderIntake, Depends(get_intake)]
 DispatcherDep = Annotated[WorkflowDispatcher, Depends(get_dispatcher)]
+RedrivesDep = Annotated[BulkRedrives, Depends(get_redrives)]
+
+
+async def get_operator(sessions: SessionsDep, temporal: TemporalDep) -> DeadLetterOperator:
+    # Built from the other dependencies, so an override of the sessions or client reaches it.
+    return DeadLetterOperator(sessions, temporal)
+
+
+OperatorDep = Annotated[DeadLetterOperator, Depends(get_operator)]
 
 
 # Documents the schemes in OpenAPI (the "Authorize" button on /docs); the checks below read the
@@ -63,18 +78,29 @@ _admin_scheme = HTTPBearer(
 _Credentials = HTTPAuthorizationCredentials | None
 
 
+def basic_credentials(authorization: str | None) -> tuple[str, str] | None:
+    """The user name and password of an `Authorization: Basic ...` header, if it is one."""
+    scheme, _, value = (authorization or "").partition(" ")
+    value = value.strip()
+    if scheme.lower() != "basic" or not value:
+        return None
+    try:
+        decoded = base64.b64decode(value, validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    user, _, password = decoded.partition(":")
+    return user, password
+
+
 def _presented_key(authorization: str | None, *, allow_basic: bool) -> str | None:
     scheme, _, value = (authorization or "").partition(" ")
     value = value.strip()
     if scheme.lower() == "bearer" and value:
         return value
-    if allow_basic and scheme.lower() == "basic" and value:
-        try:
-            decoded = base64.b64decode(value, validate=True).decode()
-        except (binascii.Error, UnicodeDecodeError):
-            return None
+    credentials = basic_credentials(authorization) if allow_basic else None
+    if credentials is not None:
         # Any user name; the password is the key, so a browser's login prompt works.
-        return decoded.partition(":")[2] or None
+        return credentials[1] or None
     return None
 
 

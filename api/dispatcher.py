@@ -1,7 +1,7 @@
 """Hands a committed order to Temporal: before the 202 ("request" mode), right after it
 ("background" mode), or not at all ("outbox" mode: the workers' relay starts it). Either way the
 outbox entry is already committed, so a failure here only delays the start until the worker's
-sweeper makes it."""
+relay makes it."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from datetime import timedelta
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client
 
-from core.outbox import StartMarks, dispatch
+from core.outages import DATABASE, DATABASE_ERRORS, TEMPORAL, OutageLog, is_database_outage
+from core.outbox import StartMarks
+from core.relay import start_order
 from core.tracing import annotate_order
 
 log = logging.getLogger(__name__)
@@ -28,7 +30,6 @@ class WorkflowDispatcher:
         mode: str,
         timeout: timedelta,
     ) -> None:
-        self._sessions = sessions
         self._client = client
         self._task_queue = task_queue
         self._mode = mode
@@ -36,6 +37,12 @@ class WorkflowDispatcher:
         self._in_flight: set[asyncio.Task[bool]] = set()
         # Concurrent starts share one transaction to mark their outbox entries.
         self._marks = StartMarks(sessions)
+        self._temporal_outage = OutageLog(
+            TEMPORAL, log, meanwhile="the relay starts the orders placed meanwhile"
+        )
+        self._database_outage = OutageLog(
+            DATABASE, log, meanwhile="the relay marks the workflows started meanwhile"
+        )
 
     async def submit(self, order_id: str) -> None:
         annotate_order(order_id)
@@ -46,30 +53,46 @@ class WorkflowDispatcher:
             return
         task = asyncio.create_task(self._start(order_id), name=f"start-workflow-{order_id}")
         self._in_flight.add(task)
-        task.add_done_callback(self._in_flight.discard)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[bool]) -> None:
+        self._in_flight.discard(task)
+        # Nobody awaits a background start: what escaped it (a bug) is reported here.
+        if not task.cancelled() and (failure := task.exception()) is not None:
+            log.error(
+                "background workflow start failed",
+                exc_info=failure,
+                extra={"task": task.get_name()},
+            )
 
     async def _start(self, order_id: str) -> bool:
-        # The order is committed: whatever fails here (Temporal, or the database while marking
-        # the outbox) must not turn its 202 into a 500. The entry stays pending for the sweeper.
+        # The order is committed: the database failing while its outbox entry is marked must
+        # not turn its 202 into a 500. The entry stays pending, and the relay starts (a no-op
+        # when it runs already) and marks it.
         try:
-            return await dispatch(
-                self._sessions,
+            started = await start_order(
                 self._client,
                 order_id,
                 self._task_queue,
-                marks=self._marks,
+                self._marks,
+                outage=self._temporal_outage,
                 rpc_timeout=self._timeout,
             )
-        except Exception:
-            log.exception("could not dispatch the workflow start", extra={"order_id": order_id})
+        except DATABASE_ERRORS as failure:
+            if is_database_outage(failure):
+                self._database_outage.failed(failure)
+            else:
+                log.exception("could not mark the workflow start", extra={"order_id": order_id})
             return False
+        self._database_outage.succeeded()
+        return started
 
     async def aclose(self, grace: float = 5.0) -> None:
-        """Gives background starts a moment to finish; any left over is the sweeper's."""
+        """Gives background starts a moment to finish; any left over is the relay's."""
         if not self._in_flight:
             return
         _done, pending = await asyncio.wait(self._in_flight, timeout=grace)
         for task in pending:
             task.cancel()
         if pending:
-            log.warning("left workflow starts to the sweeper", extra={"count": len(pending)})
+            log.warning("left workflow starts to the relay", extra={"count": len(pending)})

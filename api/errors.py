@@ -1,5 +1,6 @@
 """The API's error answers: what each status means, declared once for the routes' OpenAPI
-`responses`, and the handlers that turn a dependency outage into 503 + Retry-After (never a 500)."""
+`responses`; the handlers that turn the dead-letter operator's refusals into 404, 409 and 504,
+and a dependency outage into 503 + Retry-After (never a 500)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from temporalio import client as temporal_client
 from temporalio.service import RPCError
 
 from api.schemas import Problem, Readiness, Unavailable
+from core.dead_letters import CommandRejected, CommandUnconfirmed, DeadLetterNotFound
 from core.outages import (
     DATABASE,
     TEMPORAL,
@@ -22,6 +24,7 @@ from core.outages import (
     is_database_outage,
     is_temporal_outage,
 )
+from core.redrives import RedriveNotFound, RedriveRefused, RedriveUnconfirmed
 
 RETRY_AFTER_HEADER = {
     "Retry-After": {
@@ -115,10 +118,29 @@ OUTAGE_TYPES: tuple[type[Exception], ...] = (
 )
 
 
+# What each refusal of the dead-letter operator answers; the review page, which answers with a
+# page rather than JSON, catches them itself.
+DEAD_LETTER_REFUSALS: dict[type[Exception], int] = {
+    DeadLetterNotFound: 404,
+    CommandRejected: 409,
+    CommandUnconfirmed: 504,
+    RedriveNotFound: 404,
+    RedriveRefused: 409,
+    RedriveUnconfirmed: 504,
+}
+
+
+async def _refusal_handler(request: Request, error: Exception) -> JSONResponse:
+    status = next(code for kind, code in DEAD_LETTER_REFUSALS.items() if isinstance(error, kind))
+    return JSONResponse({"detail": str(error)}, status_code=status)
+
+
 def install_error_answers(app: FastAPI) -> None:
     app.state.outages = {name: OutageLog(name) for name in (DATABASE, TEMPORAL)}
     for error_type in OUTAGE_TYPES:
         app.add_exception_handler(error_type, _outage_handler)
+    for refusal in DEAD_LETTER_REFUSALS:
+        app.add_exception_handler(refusal, _refusal_handler)
 
 
 class TemporalOutageWatch(temporal_client.Interceptor):

@@ -9,14 +9,19 @@ from datetime import timedelta
 
 from fastapi import FastAPI
 
+from api.admin import actions as admin_actions
+from api.admin import pages as admin_pages
+from api.admin.redrives import BulkRedrives
+from api.admin.views import STATIC_MOUNT, static_files
 from api.deps import check_api_keys
 from api.dispatcher import WorkflowDispatcher
 from api.errors import TemporalOutageWatch, install_error_answers, outage_logs
 from api.intake import OrderIntake
 from api.limits import install_limits
 from api.metrics import install_metrics
-from api.routes import admin, dead_letters, health, orders
+from api.routes import dead_letters, health, orders
 from core.db import create_engine, create_sessionmaker
+from core.dead_letters import DeadLetterOperator
 from core.logging import configure_logging
 from core.metrics import WorkflowStartMetrics
 from core.outages import DATABASE, TEMPORAL, watch_database
@@ -61,6 +66,8 @@ def create_app(settings: Settings | None = None, *, tracing: Tracing | None = No
         app.state.sessions = sessions
         app.state.temporal = temporal
         app.state.dispatcher = dispatcher
+        redrives = BulkRedrives(DeadLetterOperator(sessions, temporal))
+        app.state.redrives = redrives
         app.state.intake = OrderIntake(
             sessions,
             SandboxGateway(sessions),
@@ -70,6 +77,7 @@ def create_app(settings: Settings | None = None, *, tracing: Tracing | None = No
         try:
             yield
         finally:
+            await redrives.aclose()
             await dispatcher.aclose()
             await engine.dispose()
             app_tracing.flush()
@@ -86,8 +94,9 @@ def create_app(settings: Settings | None = None, *, tracing: Tracing | None = No
     app.include_router(orders.router)
     app.include_router(dead_letters.router)
     app.include_router(health.router)
-    app.include_router(admin.router)
-    app.mount(admin.STATIC_MOUNT, admin.static_files(), name="admin-static")
+    app.include_router(admin_pages.router)
+    app.include_router(admin_actions.router)
+    app.mount(STATIC_MOUNT, static_files(), name="admin-static")
     return app
 
 

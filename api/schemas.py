@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Annotated, Any, Literal
+from collections.abc import Sequence
+from dataclasses import asdict
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -17,6 +19,10 @@ from pydantic import (
 
 from api.limits import reject_card_data
 from core.models import Step
+
+if TYPE_CHECKING:
+    from core.models import DeadLetter, Order, OrderStep
+    from core.redrives import RedriveFilter, RedriveProgress
 
 
 def _storable(value: str) -> str:
@@ -129,6 +135,28 @@ class OrderOut(BaseModel):
     cancelled_at: datetime | None
     steps: list[StepOut]
 
+    @classmethod
+    def of(cls, order: Order, steps: Sequence[OrderStep]) -> OrderOut:
+        return cls(
+            order_id=order.id,
+            status=order.status,
+            amount_cents=order.amount_cents,
+            currency=order.currency,
+            items=[OrderItemIn.model_validate(item) for item in order.items],
+            created_at=order.created_at,
+            cancelled_at=order.cancelled_at,
+            steps=[
+                StepOut(
+                    step=step.step,
+                    status=step.status,
+                    attempts=step.attempts,
+                    last_error=step.last_error,
+                    updated_at=step.updated_at,
+                )
+                for step in steps
+            ],
+        )
+
 
 class OrderCancelAccepted(BaseModel):
     order_id: str
@@ -170,6 +198,15 @@ class DeadLetterCommandAccepted(BaseModel):
     order_id: str
     step: str
     status: str
+
+    @classmethod
+    def of(cls, letter: DeadLetter) -> DeadLetterCommandAccepted:
+        return cls(
+            dead_letter_id=letter.id,
+            order_id=letter.order_id,
+            step=letter.step,
+            status=letter.status,
+        )
 
 
 class DiscardIn(BaseModel):
@@ -247,6 +284,18 @@ class RedriveStarted(BaseModel):
     limit: int | None
     filter: RedriveFilterOut
 
+    @classmethod
+    def of(
+        cls, redrive_id: str, progress_url: str, body: RedriveIn, where: RedriveFilter
+    ) -> RedriveStarted:
+        return cls(
+            redrive_id=redrive_id,
+            progress_url=progress_url,
+            per_second=body.per_second,
+            limit=body.limit,
+            filter=RedriveFilterOut(**asdict(where)),
+        )
+
 
 class RedriveOut(BaseModel):
     redrive_id: str
@@ -262,3 +311,17 @@ class RedriveOut(BaseModel):
     finished_at: datetime | None
     # The latest few letters skipped, each with why.
     last_skips: list[str]
+
+    @classmethod
+    def of(cls, progress: RedriveProgress) -> RedriveOut:
+        def moment(timestamp: float | None) -> datetime | None:
+            return datetime.fromtimestamp(timestamp, tz=UTC) if timestamp else None
+
+        return cls(
+            **{
+                **asdict(progress),
+                "filter": RedriveFilterOut(**asdict(progress.filter)),
+                "started_at": moment(progress.started_at),
+                "finished_at": moment(progress.finished_at),
+            }
+        )

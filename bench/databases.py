@@ -61,6 +61,8 @@ class Databases:
         self._sqlite: dict[str, sqlite3.Connection] = {}
         self._pg: dict[str, asyncpg.Connection] = {}
         self._created: list[str] = []  # PostgreSQL databases to drop on close
+        # Queries this harness sent per database: each is a transaction PostgreSQL counts.
+        self.queries: dict[str, int] = {}
         self._server: URL | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._admin: asyncpg.Connection | None = None
@@ -143,6 +145,7 @@ class Databases:
 
     def scalar(self, url: str, sql: str) -> Any:
         """The first column of the first row of a read-only query against the database at url."""
+        self.queries[url] = self.queries.get(url, 0) + 1
         if make_url(url).get_backend_name() == "sqlite":
             conn = self._sqlite.get(url)
             if conn is None:
@@ -156,6 +159,54 @@ class Databases:
             pg = self._run(asyncpg.connect(_asyncpg_dsn(make_url(url)), timeout=QUERY_TIMEOUT))
             self._pg[url] = pg
         return self._run(pg.fetchval(sql, timeout=QUERY_TIMEOUT))
+
+    def footprint(self, url: str, tables: tuple[str, ...]) -> dict[str, dict[str, int]]:
+        """Each table's rows and the bytes it takes on disk, indexes included: SQLite's pages
+        (the `dbstat` table, after a checkpoint so the WAL's pages count), PostgreSQL's
+        `pg_total_relation_size` (heap, indexes and TOAST, in 8 KiB pages)."""
+        sizes: dict[str, dict[str, int]] = {}
+        if make_url(url).get_backend_name() == "sqlite":
+            path = make_url(url).database or ""
+            # A connection of its own: the checkpoint needs write access, the poller has none.
+            with sqlite3.connect(path, timeout=QUERY_TIMEOUT) as conn:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                pages = dict(
+                    conn.execute("SELECT name, SUM(pgsize) FROM dbstat GROUP BY name").fetchall()
+                )
+                indexes = conn.execute(
+                    "SELECT tbl_name, name FROM sqlite_schema WHERE type = 'index'"
+                ).fetchall()
+                for table in tables:
+                    rows = conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+                    size = pages.get(table, 0)
+                    size += sum(pages.get(index, 0) for owner, index in indexes if owner == table)
+                    sizes[table] = {"rows": int(rows), "bytes": int(size)}
+            conn.close()
+            return sizes
+        for table in tables:
+            sizes[table] = {
+                "rows": int(self.scalar(url, f"SELECT count(*) FROM {table}")),
+                "bytes": int(self.scalar(url, f"SELECT pg_total_relation_size('{table}')")),
+            }
+        return sizes
+
+    def writes(self, url: str) -> dict[str, int] | None:
+        """PostgreSQL's counters for this database alone (the server is shared): committed
+        transactions and rows inserted, updated and deleted. None on SQLite, which keeps none."""
+        if make_url(url).get_backend_name() == "sqlite":
+            return None
+        # The statistics collector publishes a backend's counters within about a second.
+        self.scalar(url, "SELECT pg_stat_clear_snapshot()")
+        self.queries[url] = self.queries.get(url, 0) + 1
+        row = self._run(
+            self._pg[url].fetchrow(
+                "SELECT xact_commit, tup_inserted, tup_updated, tup_deleted "
+                "FROM pg_stat_database WHERE datname = current_database()",
+                timeout=QUERY_TIMEOUT,
+            )
+        )
+        assert row is not None
+        return {key: int(value) for key, value in dict(row).items()}
 
     # ---- lifetime ---------------------------------------------------------------------------
 

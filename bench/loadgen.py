@@ -5,6 +5,7 @@ deadline, and prints one JSON line with every latency.
     python -m bench.loadgen http URL --count 1000 --concurrency 16 --deadline 120
     python -m bench.loadgen start --queue Q --count 1000 --concurrency 16   # bare start_workflow
     python -m bench.loadgen bare-burst --queue Q --count 500 --concurrency 16 [--workflow NAME]
+    python -m bench.loadgen histories --queue Q --sample 20   # events and bytes per history
 """
 
 from __future__ import annotations
@@ -182,9 +183,39 @@ async def history(queue: str) -> dict[str, Any]:
     return {}
 
 
+async def histories(queue: str, sample: int) -> dict[str, Any]:
+    """Events and bytes of up to `sample` closed workflows on the queue, as the server keeps
+    them: the history fetched event by event (each event's protobuf size) and the server's own
+    `history_size_bytes` from describe, which `temporal workflow describe` shows too."""
+    from core.settings import Settings
+    from core.temporal import connect_temporal
+
+    client = await connect_temporal(Settings())
+    rows: list[dict[str, Any]] = []
+    query = (
+        f"TaskQueue = '{queue}' AND WorkflowType = 'OrderWorkflow' "
+        "AND ExecutionStatus = 'Completed'"
+    )
+    async for execution in client.list_workflows(query, limit=sample):
+        handle = client.get_workflow_handle(execution.id)
+        fetched = await handle.fetch_history()
+        info = (await handle.describe()).raw_description.workflow_execution_info
+        rows.append(
+            {
+                "workflow_id": execution.id,
+                "events": len(fetched.events),
+                "event_bytes": sum(event.ByteSize() for event in fetched.events),
+                "history_size_bytes": info.history_size_bytes,
+                "history_length": info.history_length,
+                "state_transitions": info.state_transition_count,
+            }
+        )
+    return {"sample": len(rows), "workflows": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["http", "start", "bare-burst", "history"])
+    parser.add_argument("mode", choices=["http", "start", "bare-burst", "history", "histories"])
     parser.add_argument("url", nargs="?")
     parser.add_argument("--queue", default="bench-floor")
     parser.add_argument("--count", type=int, default=1000)
@@ -193,9 +224,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=WARMUP)
     parser.add_argument("--already", type=int, default=0, help="bare workflows done before")
     parser.add_argument("--workflow", default="BareWorkflow", help="the bare workflow type")
+    parser.add_argument("--sample", type=int, default=20, help="workflows `histories` reads")
     args = parser.parse_args()
     if args.mode == "history":
         _finish(asyncio.run(history(args.queue)))
+    if args.mode == "histories":
+        _finish(asyncio.run(histories(args.queue, args.sample)))
     if args.mode == "http":
         result = asyncio.run(
             http_load(args.url, args.count, args.concurrency, args.deadline, args.warmup)

@@ -1,9 +1,12 @@
 """The bench run: starts every process on loopback, runs the measurements in one go on one Temporal
 dev server (intake, end to end against the bare ceilings and the Celery and DBOS peers, parked
-orders), and writes docs/benchmarks.md and its plots.
+orders, then what one order leaves behind), and writes docs/benchmarks.md and its plots.
 
     python -m bench            # the full run (`make bench`), 10-15 minutes on 2 cores
     python -m bench --quick    # a smoke run: small sizes, three or four minutes
+    python -m bench --only footprint --out .data/bench-footprint
+                               # one phase alone (here the per-order footprint), its report
+                               # written beside the run rather than over docs/benchmarks.md
     python -m bench --database postgresql+asyncpg://postgres@127.0.0.1:5432/postgres
                                # each phase on a new database on that server, not a SQLite file
 """
@@ -53,6 +56,16 @@ PROFILES = ROOT / ".data" / "bench" / "profiles"
 POLL = 0.2
 # Where each bare workflow's event counts go in the results (the report's history table).
 HISTORY_KEYS = {"bare_workflow": "bare", "bare_local_first": "bare_local_first"}
+# orderflow's tables, whose growth per order the footprint phase measures.
+ORDERFLOW_TABLES = (
+    "idempotency_keys",
+    "payment_charges",
+    "orders",
+    "order_steps",
+    "workflow_outbox",
+    "dead_letters",
+)
+HISTORY_SAMPLE = 20
 
 
 @dataclass(frozen=True)
@@ -67,14 +80,16 @@ class Sizes:
     parked_default_cache: int
     small_cache: int
     phase_deadline: float
+    # Orders in the footprint phase's measured burst.
+    footprint: int
 
     @staticmethod
     def full() -> Sizes:
-        return Sizes(1000, 50, (200, 500, 1000), 500, 1000, 500, 100, 240.0)
+        return Sizes(1000, 50, (200, 500, 1000), 500, 1000, 500, 100, 240.0, 500)
 
     @staticmethod
     def quick() -> Sizes:
-        return Sizes(200, 20, (50,), 50, 50, 50, 10, 90.0)
+        return Sizes(200, 20, (50,), 50, 50, 50, 10, 90.0, 50)
 
 
 @dataclass
@@ -88,6 +103,7 @@ class Results:
     e2e: list[dict[str, Any]] = field(default_factory=list)
     parked: list[dict[str, Any]] = field(default_factory=list)
     history: dict[str, Any] = field(default_factory=dict)
+    footprint: dict[str, Any] = field(default_factory=dict)
     profiles: dict[str, Any] = field(default_factory=dict)
     overrides: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -688,6 +704,98 @@ class Bench:
         self.stack.stop(api)
         self.stack.stop(worker)
 
+    # ---- 4. what one order leaves behind ------------------------------------------------------
+
+    def footprint(self) -> None:
+        """Per order of a burst that completes: the CPU of the server, the worker and the API,
+        the rows and bytes it adds to each orderflow table, PostgreSQL's transactions and row
+        writes, and its history on the Temporal server. The figures docs/capacity.md scales."""
+        print("== 4. footprint per order", flush=True)
+        n = self.sizes.footprint
+        db = self.fresh_db("footprint")
+        queue = f"footprint-{uuid.uuid4().hex[:6]}"
+        env = self.env(db, queue, self.sinks, WORKFLOW_START_MODE=self.e2e_mode)
+        worker = self.start_worker("worker-footprint", env)
+        api, url = self.serve("api-footprint", "api.main:app", env)
+        for proc in (worker, api):
+            wait_idle(proc)
+        self.loadgen(["http", url, *self.nc(WARM, WARM), "--warmup", "0"])
+        self.wait_orders(db, WARM, [worker])
+        groups = {"server": [self.temporal], "worker": [worker], "api": [api]}
+        wait_idle(self.temporal)
+        tables_before = self.databases.footprint(db, ORDERFLOW_TABLES)
+        writes_before = self.databases.writes(db)
+        queries_before = self.databases.queries.get(db, 0)
+        before = self.cpu(groups)
+        result = self.loadgen(["http", url, *self.nc(n, 16), "--warmup", "0"])
+        done, _ = self.wait_orders(db, WARM + result["count"], [worker])
+        wait_idle(self.temporal)
+        after = self.cpu(groups)
+        count = result["count"]
+        writes = None
+        if writes_before is not None:
+            time.sleep(1.5)  # the statistics collector's flush of the processes' counters
+            queries = self.databases.queries.get(db, 0) - queries_before
+            writes_after = self.databases.writes(db)
+            assert writes_after is not None
+            writes = {k: (writes_after[k] - writes_before[k]) / count for k in writes_after}
+            # The harness's own polling queries are transactions too, not the orders'.
+            writes["xact_commit"] -= (queries + 1) / count
+        tables_after = self.databases.footprint(db, ORDERFLOW_TABLES)
+        tables = {
+            table: {
+                "rows": (tables_after[table]["rows"] - tables_before[table]["rows"]) / count,
+                "bytes": (tables_after[table]["bytes"] - tables_before[table]["bytes"]) / count,
+            }
+            for table in ORDERFLOW_TABLES
+        }
+        histories = self.loadgen(
+            [
+                "histories",
+                "--queue",
+                queue,
+                "--sample",
+                str(HISTORY_SAMPLE),
+            ],
+            env,
+        )
+        self.results.footprint = {
+            "orders": count,
+            "completed": done is not None,
+            "drain_seconds": (done - result["started_at"]) if done else None,
+            "cpu_ms_per_order": {k: (after[k] - before[k]) * 1000 / count for k in after},
+            "tables": tables,
+            "database_writes_per_order": writes,
+            "histories": histories,
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+        }
+        self.print_footprint(self.results.footprint)
+        self.stack.stop(api)
+        self.stack.stop(worker)
+
+    @staticmethod
+    def print_footprint(figures: dict[str, Any]) -> None:
+        cpu = " ".join(f"{k}={v:.1f}" for k, v in figures["cpu_ms_per_order"].items())
+        print(f"  {figures['orders']} orders; CPU ms/order {cpu}", flush=True)
+        for table, size in figures["tables"].items():
+            print(f"  {table:18} {size['rows']:5.2f} rows/order {size['bytes']:8.0f} B/order")
+        total = sum(size["bytes"] for size in figures["tables"].values())
+        print(f"  {'all tables':18} {total:24.0f} B/order")
+        if figures["database_writes_per_order"]:
+            writes = " ".join(
+                f"{k}={v:.2f}" for k, v in figures["database_writes_per_order"].items()
+            )
+            print(f"  PostgreSQL per order: {writes}")
+        rows = figures["histories"].get("workflows", [])
+        if rows:
+            for key in ("events", "event_bytes", "history_size_bytes", "state_transitions"):
+                values = sorted(row[key] for row in rows)
+                print(
+                    f"  history {key:18} median {values[len(values) // 2]:7} "
+                    f"(min {values[0]}, max {values[-1]}, {len(values)} workflows)"
+                )
+        print(f"  load average after: {figures['load_average']}", flush=True)
+
     # ---- helpers ----------------------------------------------------------------------------
 
     def redis_cmd(self, *args: str) -> str:
@@ -737,7 +845,7 @@ def main() -> None:
         default="outbox",
         help="WORKFLOW_START_MODE for the end-to-end and parked runs",
     )
-    parser.add_argument("--only", nargs="*", choices=["intake", "e2e", "parked"])
+    parser.add_argument("--only", nargs="*", choices=["intake", "e2e", "parked", "footprint"])
     parser.add_argument(
         "--profile",
         action="store_true",
@@ -779,13 +887,15 @@ def main() -> None:
         print(f"database: {databases.info['description']}", flush=True)
         try:
             bench.start_shared()
-            phases = args.only or ["intake", "e2e", "parked"]
+            phases = args.only or ["intake", "e2e", "parked", "footprint"]
             if "intake" in phases:
                 bench.intake()
             if "e2e" in phases:
                 bench.e2e()
             if "parked" in phases:
                 bench.parked()
+            if "footprint" in phases:
+                bench.footprint()
         except BaseException:
             logs = ROOT / ".data" / "bench" / "logs"
             for log in sorted(logs.glob("*.log")):
@@ -798,7 +908,10 @@ def main() -> None:
         bench.results.wall_seconds = time.monotonic() - began
         results = asdict(bench.results)
         results["quick"] = args.quick
-    raw = ROOT / ".data" / ("bench-quick.json" if args.quick else "bench.json")
+    # A run of some phases keeps its figures apart from the full run's, which --report-only reads.
+    backend = ["postgresql"] if args.database and args.only else []
+    stem = "-".join(["bench", *(["quick"] if args.quick else []), *(args.only or []), *backend])
+    raw = ROOT / ".data" / f"{stem}.json"
     raw.parent.mkdir(parents=True, exist_ok=True)
     raw.write_text(json.dumps(results))
     report.write(results, args.out, label=args.label)

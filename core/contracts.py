@@ -8,7 +8,14 @@ from dataclasses import dataclass, field
 
 from temporalio.common import SearchAttributeKey
 
-from core.models import OrderStatus, Step, StepStatus
+from core.states import (
+    CancelOutcome,
+    OperatorCommandKind,
+    OrderStatus,
+    Step,
+    StepOutcome,
+    StepStatus,
+)
 
 STEPS: tuple[str, ...] = tuple(step.value for step in Step)
 SETTLED_STEP_STATUSES = frozenset({StepStatus.SUCCEEDED, StepStatus.DISCARDED, StepStatus.SKIPPED})
@@ -33,7 +40,7 @@ class OrderWorkflowInput:
 
 @dataclass(frozen=True)
 class StepState:
-    status: str
+    status: StepStatus
     dead_letter_id: int | None = None
     last_error: str | None = None
     occurrences: int = 0
@@ -42,7 +49,7 @@ class StepState:
 @dataclass(frozen=True)
 class OrderWorkflowStatus:
     order_id: str
-    status: str
+    status: OrderStatus
     steps: dict[str, StepState] = field(default_factory=dict)
 
 
@@ -87,9 +94,7 @@ class StepInput:
 class StepResult:
     order_id: str
     step: str
-    # "performed" when this attempt did the side effect, "already_done" when a ledger row showed
-    # an earlier attempt had, "skipped" when the order was cancelled first.
-    outcome: str
+    outcome: StepOutcome
 
 
 @dataclass(frozen=True)
@@ -144,7 +149,7 @@ class OperatorCommand:
     Defined here, not in the workflow's module, because the sandbox re-imports that module for
     every workflow and a dataclass costs a code generation each time."""
 
-    kind: str  # "retry" or "discard"
+    kind: OperatorCommandKind
     reason: str = ""
     actor: str = ""
 
@@ -174,9 +179,7 @@ class CancelOrderInput:
 @dataclass(frozen=True)
 class CancelOrderResult:
     order_id: str
-    # "cancelled" (recorded, the warehouse step skipped) or "too_late" (the warehouse already
-    # accepted the order, so it was not cancelled).
-    outcome: str
+    outcome: CancelOutcome
 
 
 # The Temporal Web UI lists the orders that need review with `OrderStatus="needs_attention"`.

@@ -1,5 +1,6 @@
-"""The operator's side of dead letters: list them, and ask an order's workflow to retry or discard
-a parked step. The API, the CLI and the review page all go through here.
+"""Dead letters: every change of a letter's state, and the operator's side (list them, and ask
+an order's workflow to retry or discard a parked step). The workflow's activities, the ledger,
+the cancel, the API, the CLI and the review page all go through here.
 
 Lifecycle of one occurrence (one row): `open` -> `retrying` -> `resolved`, or `open` ->
 `discarded`. `resolution` says how it closed: `succeeded` (its redrive worked), `failed_again`
@@ -14,6 +15,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from sqlalchemy import Select, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -25,8 +27,7 @@ from temporalio.client import (
 )
 from temporalio.service import RPCError
 
-from core.contracts import DiscardStepInput, RetryStepInput, StepCommandResult
-from core.ledger import ACTIVE_DEAD_LETTER, mark_redrive_started, set_step_status
+from core.contracts import DeadLetterInput, DiscardStepInput, RetryStepInput, StepCommandResult
 from core.models import (
     DeadLetter,
     DeadLetterResolution,
@@ -35,7 +36,12 @@ from core.models import (
     StepStatus,
     utcnow,
 )
+from core.names import DISCARD_STEP_UPDATE, RETRY_STEP_UPDATE
+from core.order_status import refresh_order_status, set_step_status
 from core.outages import TEMPORAL, DependencyUnavailable, is_temporal_outage
+
+# The states in which a letter still waits for its step to be settled.
+ACTIVE_DEAD_LETTER = (DeadLetterStatus.OPEN, DeadLetterStatus.RETRYING)
 
 
 class DeadLetterNotFound(LookupError):
@@ -86,24 +92,98 @@ async def get_dead_letter(session: AsyncSession, dead_letter_id: int) -> DeadLet
     return letter
 
 
+async def open_letter(
+    session: AsyncSession, input: DeadLetterInput, *, first_attempt_at: datetime
+) -> DeadLetter:
+    """Parks the step: a new occurrence opens, the step becomes `dead_lettered`, and the earlier
+    occurrences are closed as superseded. A repeat of the same occurrence raises IntegrityError."""
+    step = await session.get(OrderStep, (input.order_id, input.step))
+    if step is None:
+        raise LookupError(f"order {input.order_id} has no step {input.step}")
+    letter = DeadLetter(
+        order_id=input.order_id,
+        step=input.step,
+        occurrence=input.occurrence,
+        status=DeadLetterStatus.OPEN,
+        error_type=input.error_type[:200],
+        error_message=input.error_message[:4000],
+        permanent=input.permanent,
+        attempts=step.occurrence_attempts,
+        workflow_id=input.workflow_id,
+        run_id=input.run_id,
+        first_attempt_at=first_attempt_at,
+    )
+    session.add(letter)
+    step.status = StepStatus.DEAD_LETTERED
+    await session.flush()
+    await close_superseded(session, letter)
+    await refresh_order_status(session, input.order_id)
+    return letter
+
+
+async def find_occurrence(session: AsyncSession, input: DeadLetterInput) -> DeadLetter | None:
+    return await session.scalar(
+        select(DeadLetter).where(
+            DeadLetter.order_id == input.order_id,
+            DeadLetter.step == input.step,
+            DeadLetter.occurrence == input.occurrence,
+        )
+    )
+
+
+async def mark_retrying(session: AsyncSession, dead_letter_id: int) -> None:
+    """An operator's retry was taken, or its redrive's first attempt began: whichever comes
+    first wins, and a letter the redrive already resolved is left alone (only `open` moves)."""
+    await session.execute(
+        update(DeadLetter)
+        .where(DeadLetter.id == dead_letter_id, DeadLetter.status == DeadLetterStatus.OPEN)
+        .values(status=DeadLetterStatus.RETRYING, updated_at=utcnow())
+    )
+
+
+async def resolve_redriven(
+    session: AsyncSession, order_id: str, step: str, now: datetime | None = None
+) -> None:
+    """The step succeeded after it was parked: its active letter is resolved as `succeeded`."""
+    await _resolve_active(session, order_id, step, DeadLetterResolution.SUCCEEDED, now=now)
+
+
 async def close_superseded(session: AsyncSession, newest: DeadLetter) -> None:
     """Closes the earlier occurrences of the same order and step once a new one is recorded: their
     redrive ended in this new failure, so they must not stay `retrying` (or `open`) forever."""
-    now = utcnow()
+    await _resolve_active(
+        session,
+        newest.order_id,
+        newest.step,
+        DeadLetterResolution.FAILED_AGAIN,
+        before_occurrence=newest.occurrence,
+    )
+
+
+async def _resolve_active(
+    session: AsyncSession,
+    order_id: str,
+    step: str,
+    resolution: DeadLetterResolution,
+    *,
+    before_occurrence: int | None = None,
+    now: datetime | None = None,
+) -> None:
+    now = now or utcnow()
+    query = update(DeadLetter).where(
+        DeadLetter.order_id == order_id,
+        DeadLetter.step == step,
+        DeadLetter.status.in_(ACTIVE_DEAD_LETTER),
+    )
+    if before_occurrence is not None:
+        query = query.where(DeadLetter.occurrence < before_occurrence)
     await session.execute(
-        update(DeadLetter)
-        .where(
-            DeadLetter.order_id == newest.order_id,
-            DeadLetter.step == newest.step,
-            DeadLetter.occurrence < newest.occurrence,
-            DeadLetter.status.in_(ACTIVE_DEAD_LETTER),
-        )
-        .values(
-            status=DeadLetterStatus.RESOLVED,
-            resolution=DeadLetterResolution.FAILED_AGAIN,
-            resolved_at=now,
-            updated_at=now,
-        )
+        query.values(
+            status=DeadLetterStatus.RESOLVED, resolution=resolution, resolved_at=now, updated_at=now
+        ),
+        # No letter this matches is held by the session (a new occurrence is not one of the
+        # earlier ones), so matching the rows in Python would be wasted work.
+        execution_options={"synchronize_session": False},
     )
 
 
@@ -128,6 +208,23 @@ async def discard_letter(
     return letter
 
 
+async def discard_active(
+    session: AsyncSession, order_id: str, steps: Sequence[str], *, reason: str, actor: str
+) -> None:
+    """Discards every active letter of the order's `steps` (a cancel ends their handling)."""
+    active = (
+        await session.scalars(
+            select(DeadLetter.id).where(
+                DeadLetter.order_id == order_id,
+                DeadLetter.step.in_(steps),
+                DeadLetter.status.in_(ACTIVE_DEAD_LETTER),
+            )
+        )
+    ).all()
+    for dead_letter_id in active:
+        await discard_letter(session, dead_letter_id, reason=reason, actor=actor)
+
+
 @dataclass
 class BulkRetryOutcome:
     retried: list[int] = field(default_factory=list)
@@ -139,8 +236,16 @@ class BulkRetryOutcome:
 class CommandUnconfirmed(Exception):
     """No worker took the command in time; the workflow may still apply it once one polls."""
 
+    def __init__(self, command: str, dead_letter_id: int, waited_seconds: float) -> None:
+        super().__init__(
+            f"{command} of dead letter {dead_letter_id} not confirmed within "
+            f"{waited_seconds:g} s: is a worker running? The workflow may still take it when one "
+            "is back; check the dead letter before trying again."
+        )
+
 
 # An update is answered by a worker; with none polling, the caller is told instead of waiting.
+# Read when an operator is made, so a test can shorten it.
 COMMAND_TIMEOUT_SECONDS = 15.0
 # After a command went unanswered: how long to ask whether the server itself is there.
 HEALTH_PROBE_SECONDS = 2.0
@@ -153,16 +258,9 @@ def _temporal_down(error: BaseException) -> DependencyUnavailable:
 
 
 class DeadLetterOperator:
-    def __init__(
-        self,
-        sessions: async_sessionmaker[AsyncSession],
-        client: Client,
-        *,
-        command_timeout: float | None = None,
-    ) -> None:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], client: Client) -> None:
         self._sessions = sessions
         self._client = client
-        self._command_timeout = command_timeout or COMMAND_TIMEOUT_SECONDS
 
     async def retry(
         self, dead_letter_id: int, *, update_id: str | None = None, require_open: bool = True
@@ -178,12 +276,11 @@ class DeadLetterOperator:
             async with self._sessions() as session:
                 letter = await get_dead_letter(session, dead_letter_id)
         await self._send(
-            letter, "retry_step", RetryStepInput(letter.step, letter.id), update_id=update_id
+            letter, RETRY_STEP_UPDATE, RetryStepInput(letter.step, letter.id), update_id=update_id
         )
         async with self._sessions.begin() as session:
-            # The redrive's first attempt marks it too; whichever comes first wins, and a redrive
-            # that already resolved the letter is left alone (the update only touches `open`).
-            await mark_redrive_started(session, letter.id)
+            # The redrive's first attempt marks it too; mark_retrying says who wins.
+            await mark_retrying(session, letter.id)
             return await get_dead_letter(session, letter.id)
 
     async def discard(self, dead_letter_id: int, reason: str, actor: str) -> DeadLetter:
@@ -197,7 +294,7 @@ class DeadLetterOperator:
                 await discard_letter(session, letter.id, reason=reason, actor=actor)
         else:
             await self._send(
-                letter, "discard_step", DiscardStepInput(letter.step, reason, actor, letter.id)
+                letter, DISCARD_STEP_UPDATE, DiscardStepInput(letter.step, reason, actor, letter.id)
             )
         async with self._sessions() as session:
             return await get_dead_letter(session, letter.id)
@@ -267,19 +364,17 @@ class DeadLetterOperator:
         update_id: str | None = None,
     ) -> StepCommandResult:
         handle = self._client.get_workflow_handle(letter.workflow_id)
+        timeout = COMMAND_TIMEOUT_SECONDS
         try:
-            async with asyncio.timeout(self._command_timeout):
+            async with asyncio.timeout(timeout):
                 result: StepCommandResult = await handle.execute_update(
                     update, argument, id=update_id, result_type=StepCommandResult
                 )
             return result
         except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError) as silence:
             await self._server_reachable(silence)
-            raise CommandUnconfirmed(
-                f"{update} of dead letter {letter.id} was not confirmed within "
-                f"{self._command_timeout:g} s: is a worker running? The workflow may still take "
-                "it when one is back; check the dead letter before trying again."
-            ) from silence
+            command = "Retry" if isinstance(argument, RetryStepInput) else "Discard"
+            raise CommandUnconfirmed(command, letter.id, timeout) from silence
         except WorkflowUpdateFailedError as failure:
             cause = failure.cause
             reason = getattr(cause, "message", None) or str(cause)

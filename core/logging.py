@@ -15,8 +15,8 @@ from typing import Any, Literal, TextIO
 from temporalio import activity, workflow
 
 from core.contracts import STEPS
+from core.names import ORDER_WORKFLOW
 from core.settings import Settings
-from core.temporal import ORDER_WORKFLOW
 
 # The fields an operator filters on, lifted to the top level of every event that has them.
 CONTEXT_FIELDS = ("order_id", "workflow_id", "run_id", "step", "attempt", "dead_letter_id")

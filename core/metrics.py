@@ -27,7 +27,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from core.contracts import STEPS
 from core.models import DeadLetter, DeadLetterStatus, WorkflowOutbox, utcnow
-from core.temporal import ORDER_WORKFLOW
+from core.names import ORDER_WORKFLOW
 
 # API (prometheus_client, served at GET /metrics).
 HTTP_REQUESTS = "orderflow_http_requests_total"
@@ -43,7 +43,6 @@ DATABASE_UP = "orderflow_database_up"
 STEP_ATTEMPTS = "orderflow_step_attempts_total"
 SIDE_EFFECT_DURATION = "orderflow_side_effect_duration_seconds"
 
-STEP_OUTCOMES = ("succeeded", "retried", "failed_permanent", "dead_lettered")
 DEDUPLICATED_BY = ("key", "workflow_id")
 
 ORDERFLOW_METRICS = frozenset(

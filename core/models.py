@@ -3,7 +3,6 @@ the dead letters an operator reviews."""
 
 from __future__ import annotations
 
-import enum
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -23,6 +22,15 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
+
+# The states live where the workflow's code can import them without SQLAlchemy; the tables store
+# them, and the rest of the tree keeps importing them from here.
+from core.states import DeadLetterResolution as DeadLetterResolution
+from core.states import DeadLetterStatus as DeadLetterStatus
+from core.states import KeyState as KeyState
+from core.states import OrderStatus as OrderStatus
+from core.states import Step as Step
+from core.states import StepStatus as StepStatus
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -63,47 +71,6 @@ class Base(DeclarativeBase):
         dict[str, Any]: JSON,
         list[dict[str, Any]]: JSON,
     }
-
-
-class OrderStatus(enum.StrEnum):
-    PROCESSING = "processing"
-    COMPLETED = "completed"
-    NEEDS_ATTENTION = "needs_attention"
-    CANCELLED = "cancelled"
-
-
-class Step(enum.StrEnum):
-    SEND_RECEIPT = "send_receipt"
-    NOTIFY_WAREHOUSE = "notify_warehouse"
-
-
-class StepStatus(enum.StrEnum):
-    PENDING = "pending"
-    SUCCEEDED = "succeeded"
-    DEAD_LETTERED = "dead_lettered"
-    DISCARDED = "discarded"
-    SKIPPED = "skipped"
-
-
-class DeadLetterStatus(enum.StrEnum):
-    OPEN = "open"
-    RETRYING = "retrying"
-    RESOLVED = "resolved"
-    DISCARDED = "discarded"
-
-
-class DeadLetterResolution(enum.StrEnum):
-    """How an occurrence left the active states: its redrive succeeded, its redrive failed again
-    (a new occurrence took over), or an operator discarded it."""
-
-    SUCCEEDED = "succeeded"
-    FAILED_AGAIN = "failed_again"
-    DISCARDED = "discarded"
-
-
-class KeyState(enum.StrEnum):
-    IN_FLIGHT = "in_flight"
-    COMPLETED = "completed"
 
 
 class IdempotencyKey(Base):

@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 
 RETENTION_SCHEDULE_ID = "orderflow-retention"
 RETENTION_WORKFLOW = "RetentionWorkflow"
-# One run deletes at most this many batches per table; the next run takes the rest.
+# One activity deletes at most this many batches per table, so it ends well inside its timeout;
+# the workflow runs it again while a table has more.
 MAX_BATCHES_PER_RUN = 100
 # Temporal's smallest catch-up window.
 MIN_CATCHUP_WINDOW = timedelta(seconds=10)

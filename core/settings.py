@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     IDEMPOTENCY_LEASE_SECONDS: float = Field(default=30.0, gt=0)
     # How long a key replays its first answer; a key seen again after this is a new request.
     IDEMPOTENCY_KEY_TTL_SECONDS: float = Field(default=24 * 3600.0, gt=0)
-    # How long the request path waits for Temporal before leaving the start to the sweeper.
+    # How long the request path waits for Temporal before leaving the start to the relay.
     WORKFLOW_START_TIMEOUT_SECONDS: float = Field(default=2.0, gt=0)
     # "request": start the workflow before answering; "background": answer after the commit and
     # start it from the API right after; "outbox": answer after the commit and let the workers'

@@ -1,4 +1,5 @@
-"""Connecting to Temporal and starting an order's workflow: the one way every caller does it."""
+"""Connecting to Temporal, and the one call that starts an order's workflow: the start path
+(core/relay.py, for the API and the relay) and the cancel's signal-with-start both make it."""
 
 from __future__ import annotations
 
@@ -20,9 +21,8 @@ from temporalio.runtime import Runtime
 
 from core.contracts import ORDER_STATUS_ATTRIBUTE, OrderWorkflowInput, OrderWorkflowStatus
 from core.models import OrderStatus
+from core.names import ORDER_WORKFLOW
 from core.settings import Settings
-
-ORDER_WORKFLOW = "OrderWorkflow"
 
 
 def client_connect_config(settings: Settings) -> dict[str, object]:
@@ -67,7 +67,7 @@ async def start_order_workflow(
     eager: bool = False,
 ) -> WorkflowHandle[object, OrderWorkflowStatus]:
     """Starts the order's workflow, or finds the one already started: the workflow ID is the
-    order ID, so a second start (a retried request, the sweeper) never makes a second workflow.
+    order ID, so a second start (a retried request, the relay) never makes a second workflow.
 
     With `start_signal` it is a signal-with-start: the signal reaches the workflow whether or not
     it was started yet; a closed workflow raises WorkflowAlreadyStartedError (the signal was lost).

@@ -23,7 +23,6 @@ import uvicorn
 from aiosmtpd.controller import Controller
 from alembic import command
 from alembic.config import Config
-from playwright.async_api import Browser, async_playwright, expect
 from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from temporalio.api.enums.v1 import IndexedValueType
@@ -47,24 +46,6 @@ from worker import create_activities, create_worker
 ROOT = Path(__file__).resolve().parent.parent
 WEBHOOK_SECRET = "test-webhook-secret"
 SERVER_STARTUP_TIMEOUT = timedelta(seconds=30)
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-# Playwright drives Debian's Chromium; it never downloads a browser of its own.
-BROWSER_TEST = [
-    pytest.mark.browser,
-    pytest.mark.skipif(
-        not Path(CHROMIUM).exists(), reason="needs Debian chromium: apt-get install chromium"
-    ),
-]
 
 
 def installed_binary(name: str) -> str:
@@ -104,18 +85,6 @@ async def env(temporal_ui_port: int) -> AsyncIterator[WorkflowEnvironment]:
         yield environment
     finally:
         await environment.shutdown()
-
-
-@pytest.fixture(scope="module")
-async def browser() -> AsyncIterator[Browser]:
-    """Headless Chromium; Playwright gives each launch a fresh, empty profile."""
-    async with async_playwright() as playwright:
-        launched = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        # Pages poll servers on a machine shared with other work: assertions wait up to 30 s.
-        expect.set_options(timeout=30_000)
-        yield launched
-        expect.set_options(timeout=None)
-        await launched.close()
 
 
 @pytest.fixture(scope="module")

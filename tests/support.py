@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -184,3 +186,9 @@ class NetworkGateway:
         self, amount_cents: int, currency: str, token: str, idempotency_key: str
     ) -> ChargeResult:
         return await self._sandbox.charge(amount_cents, currency, token, idempotency_key)
+
+
+def independent_sign(secret: str, body: bytes, timestamp: int) -> str:
+    """A webhook signature made with plain HMAC, as a warehouse would from the README alone."""
+    digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
+    return f"t={timestamp},v1={digest.hexdigest()}"

@@ -1,6 +1,9 @@
 """OrderWorkflow: runs an order's follow-ups, parks a step that gives up as a dead letter, and
 waits for an operator to retry or discard it. Its workflow ID is the order ID.
 
+This module holds the workflow's decisions; how it retries (`workflows/order_policy.py`) and
+what it shows people (`workflows/order_details.py`) are imported passed through the sandbox.
+
 No `from __future__ import annotations` here: the sandbox imports this module afresh for every
 workflow, and the SDK then reads its handlers' type hints, which costs more from strings."""
 
@@ -11,23 +14,14 @@ from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
-from temporalio.exceptions import (
-    ActivityError,
-    ApplicationError,
-    CancelledError,
-    RetryState,
-    TimeoutType,
-)
-from temporalio.exceptions import TimeoutError as ActivityTimeoutError
 
 with workflow.unsafe.imports_passed_through():
     from activities.dead_letters import DeadLetterActivities
-    from activities.orders import CANCELLABLE_STEPS, CANCELLED, OrderActivities
+    from activities.orders import OrderActivities
     from activities.policy import PolicyActivities
     from activities.receipt import ReceiptActivities
-    from activities.retry import DATABASE_UNAVAILABLE, PERMANENT_ERROR_TYPES
     from activities.warehouse import WarehouseActivities
+    from core.cancellation import CANCELLABLE_STEPS
     from core.contracts import (
         ORDER_STATUS_ATTRIBUTE,
         STEPS,
@@ -48,47 +42,51 @@ with workflow.unsafe.imports_passed_through():
         StepState,
         overall_status,
     )
-    from core.models import StepStatus
+    from core.names import (
+        CANCEL_SIGNAL,
+        DISCARD_STEP_UPDATE,
+        ORDER_WORKFLOW,
+        RETRY_STEP_UPDATE,
+        STATUS_QUERY,
+    )
+    from core.states import CancelOutcome, OrderStatus, Step, StepOutcome, StepStatus
+    from workflows.order_details import current_details, describe_failure
+    from workflows.order_policy import (
+        BOOKKEEPING_RETRY,
+        BOOKKEEPING_TIMEOUT,
+        LOCAL_FIRST_ATTEMPT_RETRY,
+        POLICY_LOAD_RETRY,
+        POLICY_LOAD_TIMEOUT,
+        RIDE_OUT_MIN_WAIT,
+        STEP_FAILURES,
+        cancelled,
+        database_down,
+        permanent,
+        retry_delay,
+        step_retry_policy,
+    )
 
 STEP_ACTIVITIES: dict[str, Callable[[Any, StepInput], Awaitable[StepResult]]] = {
-    "send_receipt": ReceiptActivities.send_receipt,
-    "notify_warehouse": WarehouseActivities.notify_warehouse,
+    Step.SEND_RECEIPT: ReceiptActivities.send_receipt,
+    Step.NOTIFY_WAREHOUSE: WarehouseActivities.notify_warehouse,
 }
-# Recording a dead letter is the last line of defence: it retries until the database takes it.
-BOOKKEEPING_RETRY = RetryPolicy(
-    initial_interval=timedelta(seconds=1),
-    backoff_coefficient=2.0,
-    maximum_interval=timedelta(seconds=60),
-    maximum_attempts=0,
-)
-BOOKKEEPING_TIMEOUT = timedelta(seconds=30)
 # A run of a step's attempts that ended because our own database was down is not the step's
-# failure: the workflow waits (at least this long, as Temporal holds a retry) and runs it again.
-# Patched: a history in which such a run was dead-lettered by an earlier worker replays as it ran.
+# failure: the workflow waits (at least RIDE_OUT_MIN_WAIT, as Temporal holds a retry) and runs it
+# again. Patched: a history in which such a run was dead-lettered by an earlier worker replays as
+# it ran.
 RIDE_OUT_DATABASE_OUTAGES = "ride-out-database-outages"
-RIDE_OUT_MIN_WAIT = timedelta(seconds=1)
-# How a step's attempt can fail, as it reaches the workflow: an activity task's failure is an
-# ActivityError; a local activity's is the ApplicationError itself, an ActivityError around a
-# timeout or, once the workflow is being cancelled, a bare cancellation.
-STEP_FAILURES = (
-    ActivityError,
-    ApplicationError,
-    ActivityTimeoutError,
-    CancelledError,
-    asyncio.CancelledError,
-)
 
 
-@workflow.defn(name="OrderWorkflow")
+@workflow.defn(name=ORDER_WORKFLOW)
 class OrderWorkflow:
     def __init__(self) -> None:
         self._order_id = ""
         self._steps: dict[str, StepState] = {step: StepState(StepStatus.PENDING) for step in STEPS}
         self._commands: dict[str, OperatorCommand] = {}
-        self._published_status = ""
+        self._published_status: OrderStatus | None = None
         self._cancel_request: CancelRequest | None = None
-        # What recording the cancel found: None until then, "cancelled" or "too_late".
-        self._cancel_outcome: str | None = None
+        # What recording the cancel found; None until then.
+        self._cancel_outcome: CancelOutcome | None = None
         self._steps_done = False
         self._park_expired: list[str] = []
 
@@ -99,8 +97,8 @@ class OrderWorkflow:
         policy = await workflow.execute_local_activity_method(
             PolicyActivities.load_step_policy,
             LoadPolicyInput(input.order_id),
-            start_to_close_timeout=timedelta(seconds=10),
-            retry_policy=RetryPolicy(maximum_attempts=0, maximum_interval=timedelta(seconds=10)),
+            start_to_close_timeout=POLICY_LOAD_TIMEOUT,
+            retry_policy=POLICY_LOAD_RETRY,
         )
         canceller = asyncio.create_task(self._record_cancel())
         await asyncio.gather(*(self._run_step(step, policy) for step in STEPS))
@@ -109,7 +107,7 @@ class OrderWorkflow:
         await workflow.wait_condition(workflow.all_handlers_finished)
         return self.status()
 
-    @workflow.query(name="status")
+    @workflow.query(name=STATUS_QUERY)
     def status(self) -> OrderWorkflowStatus:
         return OrderWorkflowStatus(
             order_id=self._order_id,
@@ -117,13 +115,13 @@ class OrderWorkflow:
             steps=dict(self._steps),
         )
 
-    @workflow.signal(name="cancel")
+    @workflow.signal(name=CANCEL_SIGNAL)
     def cancel(self, input: CancelRequest) -> None:
         # The first cancel counts; a repeat (a retried request) changes nothing.
         if self._cancel_request is None:
             self._cancel_request = input
 
-    @workflow.update(name="retry_step")
+    @workflow.update(name=RETRY_STEP_UPDATE)
     def retry_step(self, input: RetryStepInput) -> StepCommandResult:
         self._commands[input.step] = OperatorCommand("retry")
         return StepCommandResult(input.step, self._steps[input.step].dead_letter_id)
@@ -132,7 +130,7 @@ class OrderWorkflow:
     def _validate_retry_step(self, input: RetryStepInput) -> None:
         self._require_parked(input.step, input.dead_letter_id)
 
-    @workflow.update(name="discard_step")
+    @workflow.update(name=DISCARD_STEP_UPDATE)
     async def discard_step(self, input: DiscardStepInput) -> StepCommandResult:
         dead_letter_id = self._steps[input.step].dead_letter_id
         self._commands[input.step] = OperatorCommand("discard", input.reason.strip(), input.actor)
@@ -193,7 +191,7 @@ class OrderWorkflow:
                 redrive_of = dead_letter_id
                 self._set(step, status=StepStatus.PENDING)
                 continue
-            if result.outcome == "skipped":
+            if result.outcome == StepOutcome.SKIPPED:
                 # The attempt found the order cancelled before it touched the warehouse.
                 self._set(step, status=StepStatus.SKIPPED)
                 return
@@ -214,7 +212,7 @@ class OrderWorkflow:
             try:
                 return await run
             except STEP_FAILURES as failure:
-                down = _database_down(failure)
+                down = database_down(failure)
                 if down is None or not workflow.patched(RIDE_OUT_DATABASE_OUTAGES):
                     raise
                 attempt, wait = down
@@ -244,15 +242,14 @@ class OrderWorkflow:
                 STEP_ACTIVITIES[step],
                 input,
                 start_to_close_timeout=timedelta(seconds=policy.attempt_timeout_seconds),
-                # One attempt: its retries are activity tasks, counted and shown as today's.
-                retry_policy=RetryPolicy(maximum_attempts=1),
+                retry_policy=LOCAL_FIRST_ATTEMPT_RETRY,
                 summary=f"{step} for order {self._order_id}",
             )
         except STEP_FAILURES as failure:
-            if _permanent(failure) or policy.max_attempts == 1 or _cancelled(failure):
+            if permanent(failure) or policy.max_attempts == 1 or cancelled(failure):
                 raise
             budget = timedelta(seconds=policy.total_timeout_seconds)
-            wait = _retry_delay(failure, policy)
+            wait = retry_delay(failure, policy)
             # As Temporal does: a retry that could not start within the budget is not made.
             if workflow.now() - started + wait >= budget:
                 raise
@@ -280,7 +277,7 @@ class OrderWorkflow:
             input,
             start_to_close_timeout=timedelta(seconds=policy.attempt_timeout_seconds),
             schedule_to_close_timeout=timedelta(seconds=policy.total_timeout_seconds) - spent,
-            retry_policy=_step_retry_policy(policy, attempts_made, fresh_budget=fresh_budget),
+            retry_policy=step_retry_policy(policy, attempts_made, fresh_budget=fresh_budget),
             summary=f"{step} for order {self._order_id}",
         )
 
@@ -306,13 +303,13 @@ class OrderWorkflow:
         if step not in CANCELLABLE_STEPS or self._cancel_request is None:
             return False
         await workflow.wait_condition(lambda: self._cancel_outcome is not None)
-        if self._cancel_outcome != CANCELLED:
+        if self._cancel_outcome != CancelOutcome.CANCELLED:
             return False
         self._set(step, status=StepStatus.SKIPPED)
         return True
 
     async def _dead_letter(self, step: str, failure: BaseException) -> int:
-        error_type, message = _describe(failure)
+        error_type, message = describe_failure(failure)
         occurrence = self._steps[step].occurrences + 1
         info = workflow.info()
         recorded = await workflow.execute_activity_method(
@@ -323,7 +320,7 @@ class OrderWorkflow:
                 occurrence=occurrence,
                 error_type=error_type,
                 error_message=message,
-                permanent=_permanent(failure),
+                permanent=permanent(failure),
                 workflow_id=info.workflow_id,
                 run_id=info.run_id,
             ),
@@ -366,9 +363,10 @@ class OrderWorkflow:
         self._steps[step] = replace(self._steps[step], **changes)  # type: ignore[arg-type]
         self._publish()
 
-    def _overall(self) -> str:
+    def _overall(self) -> OrderStatus:
         return overall_status(
-            (s.status for s in self._steps.values()), cancelled=self._cancel_outcome == CANCELLED
+            (s.status for s in self._steps.values()),
+            cancelled=self._cancel_outcome == CancelOutcome.CANCELLED,
         )
 
     def _publish(self) -> None:
@@ -379,114 +377,8 @@ class OrderWorkflow:
         workflow.set_current_details(self._details())
 
     def _details(self) -> str:
-        """Markdown for the Web UI's "Current Details": what is parked, why, and how to act."""
-        lines: list[str] = []
-        if self._cancel_outcome == CANCELLED:
-            lines += ["Order cancelled: the warehouse notification is skipped.", ""]
-        parked = [
-            (name, s) for name, s in self._steps.items() if s.status == StepStatus.DEAD_LETTERED
-        ]
-        for name, state in parked:
-            lines += [
-                f"## {name} is parked (dead letter {state.dead_letter_id})",
-                "",
-                f"Why: {state.last_error}",
-                "",
-            ]
-            if name in self._park_expired:
-                lines += [
-                    "The park timeout passed and the workflow stopped waiting; the dead letter "
-                    f"stays open: discard it with `orderflow dlq discard {state.dead_letter_id} "
-                    "--reason ...`.",
-                    "",
-                ]
-                continue
-            lines += [
-                "Fix the cause, then retry: More Actions → Send an Update → Update name "
-                f'`retry_step`, input `{{"step": "{name}"}}`',
-                f"(or `orderflow dlq retry {state.dead_letter_id}`, "
-                f"or `POST /dead-letters/{state.dead_letter_id}/retry`).",
-                f'To give up: update `discard_step` with `{{"step": "{name}", "reason": "..."}}`.',
-                "",
-            ]
-        return "\n".join(lines)
-
-
-def _step_retry_policy(
-    policy: StepPolicy, attempts_made: int, *, fresh_budget: bool = False
-) -> RetryPolicy:
-    """The activity's retry policy for the attempts the step has left after `attempts_made`
-    (its local first attempt), or for all of them again (`fresh_budget`, after a run that our
-    own database ended); the intervals continue from there, so a failure without its own
-    next_retry_delay waits what it would have waited had every attempt been an activity task."""
-    # maximum_attempts 0 means unlimited, which stays unlimited.
-    left = policy.max_attempts if fresh_budget else policy.max_attempts - attempts_made
-    attempts = max(left, 1) if policy.max_attempts else 0
-    initial = min(
-        policy.initial_interval_seconds * policy.backoff_coefficient**attempts_made,
-        policy.max_interval_seconds,
-    )
-    return RetryPolicy(
-        initial_interval=timedelta(seconds=initial),
-        backoff_coefficient=policy.backoff_coefficient,
-        maximum_interval=timedelta(seconds=policy.max_interval_seconds),
-        maximum_attempts=attempts,
-        non_retryable_error_types=list(PERMANENT_ERROR_TYPES),
-    )
-
-
-def _retry_delay(failure: BaseException, policy: StepPolicy) -> timedelta:
-    """The wait before attempt 2 after a failed local first attempt: the delay the activity asked
-    for (full jitter, or Retry-After), else the policy's first interval, as Temporal would."""
-    cause = _cause(failure)
-    if isinstance(cause, ApplicationError) and cause.next_retry_delay:
-        return cause.next_retry_delay
-    return timedelta(seconds=min(policy.initial_interval_seconds, policy.max_interval_seconds))
-
-
-def _database_down(failure: BaseException) -> tuple[int, timedelta] | None:
-    """(the step attempt that found our own database down, the wait it asked for) when that is
-    what ended the run: the last attempt's own failure, or, when the step's time budget ran out
-    (a SCHEDULE_TO_CLOSE timeout, whose cause is the last attempt's failure), the last one."""
-    cause = _cause(failure)
-    if isinstance(cause, ActivityTimeoutError) and cause.type == TimeoutType.SCHEDULE_TO_CLOSE:
-        cause = cause.cause or cause
-    if not isinstance(cause, ApplicationError) or cause.type != DATABASE_UNAVAILABLE:
-        return None
-    attempt = cause.details[0] if cause.details else None
-    if not isinstance(attempt, int):
-        return None
-    return attempt, cause.next_retry_delay or RIDE_OUT_MIN_WAIT
-
-
-def _cause(failure: BaseException) -> BaseException:
-    """What failed: an activity task's failure arrives as ActivityError wrapping it; a local
-    activity's as the ApplicationError itself, or ActivityError wrapping a timeout."""
-    if isinstance(failure, ActivityError) and failure.cause is not None:
-        return failure.cause
-    return failure
-
-
-def _permanent(failure: BaseException) -> bool:
-    if isinstance(failure, ActivityError) and (
-        failure.retry_state == RetryState.NON_RETRYABLE_FAILURE
-    ):
-        return True
-    # A local activity's failure carries no retry state: its error says whether it is final.
-    cause = _cause(failure)
-    return isinstance(cause, ApplicationError) and (
-        cause.non_retryable or cause.type in PERMANENT_ERROR_TYPES
-    )
-
-
-def _cancelled(failure: BaseException) -> bool:
-    return isinstance(_cause(failure), asyncio.CancelledError | CancelledError)
-
-
-def _describe(failure: BaseException) -> tuple[str, str]:
-    cause = _cause(failure)
-    if isinstance(cause, ApplicationError):
-        return cause.type or "ApplicationError", cause.message
-    if isinstance(cause, ActivityTimeoutError):
-        return f"Timeout.{cause.type.name if cause.type else 'UNKNOWN'}", str(cause)
-    return type(cause).__name__, str(cause)
+        return current_details(
+            self._steps,
+            cancelled=self._cancel_outcome == CancelOutcome.CANCELLED,
+            park_expired=self._park_expired,
+        )

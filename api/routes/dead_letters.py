@@ -1,17 +1,13 @@
-"""The dead letters an operator reviews, retries and discards, and the bulk redrives of them."""
+"""The dead letters an operator reviews, retries and discards, and the bulk redrives of them. The
+operator's and the redrives' refusals become 404, 409 and 504 in `api/errors.py`."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from dataclasses import asdict
-from datetime import UTC, datetime
-from functools import partial
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response
-from temporalio.client import Client
+from fastapi import APIRouter, Depends, Path, Query, Response
 
-from api.deps import SessionsDep, SettingsDep, TemporalDep, require_admin_key
+from api.deps import OperatorDep, SessionsDep, SettingsDep, TemporalDep, require_admin_key
 from api.errors import answers
 from api.limits import require_json
 from api.schemas import (
@@ -21,29 +17,16 @@ from api.schemas import (
     DeadLetterOut,
     DeadLetterPage,
     DiscardIn,
-    RedriveFilterOut,
     RedriveIn,
     RedriveOut,
     RedriveStarted,
     StorableStr,
 )
-from core.dead_letters import (
-    CommandRejected,
-    CommandUnconfirmed,
-    DeadLetterFilter,
-    DeadLetterNotFound,
-    DeadLetterOperator,
-    get_dead_letter,
-    list_dead_letters,
-)
-from core.models import DeadLetter, DeadLetterStatus, Step
+from core.dead_letters import DeadLetterFilter, get_dead_letter, list_dead_letters
+from core.models import DeadLetterStatus, Step
 from core.redrives import (
     REDRIVE_ID,
     RedriveFilter,
-    RedriveNotFound,
-    RedriveProgress,
-    RedriveRefused,
-    RedriveUnconfirmed,
     cancel_redrive,
     pause_redrive,
     redrive_progress,
@@ -61,12 +44,6 @@ router = APIRouter(
 StatusFilter = Annotated[DeadLetterStatus | None, Query()]
 StepFilter = Annotated[Step | None, Query()]
 DeadLetterId = Annotated[DbId, Path()]
-
-
-def _accepted(letter: DeadLetter) -> DeadLetterCommandAccepted:
-    return DeadLetterCommandAccepted(
-        dead_letter_id=letter.id, order_id=letter.order_id, step=letter.step, status=letter.status
-    )
 
 
 @router.get("", response_model=DeadLetterPage)
@@ -125,73 +102,42 @@ async def retry_many(
     )
     progress_url = f"{router.prefix}/redrives/{redrive_id}"
     response.headers["Location"] = progress_url
-    return RedriveStarted(
-        redrive_id=redrive_id,
-        progress_url=progress_url,
-        per_second=body.per_second,
-        limit=body.limit,
-        filter=RedriveFilterOut(**asdict(where)),
-    )
+    return RedriveStarted.of(redrive_id, progress_url, body, where)
 
 
 RedriveIdPath = Annotated[str, Path(pattern=REDRIVE_ID.pattern, max_length=60)]
 REDRIVE_ANSWERS = answers(404, 409, 504)
 
 
-async def _redrive_answer(
-    command: Callable[[Client, str], Awaitable[RedriveProgress]], temporal: Client, redrive_id: str
-) -> RedriveOut:
-    try:
-        progress = await command(temporal, redrive_id)
-    except RedriveNotFound as missing:
-        raise HTTPException(404, str(missing)) from missing
-    except RedriveRefused as refused:
-        raise HTTPException(409, str(refused)) from refused
-    except RedriveUnconfirmed as unconfirmed:
-        raise HTTPException(504, str(unconfirmed)) from unconfirmed
-    moment = partial(datetime.fromtimestamp, tz=UTC)
-    return RedriveOut(
-        **{
-            **asdict(progress),
-            "filter": RedriveFilterOut(**asdict(progress.filter)),
-            "started_at": moment(progress.started_at) if progress.started_at else None,
-            "finished_at": moment(progress.finished_at) if progress.finished_at else None,
-        }
-    )
-
-
 @router.get("/redrives/{redrive_id}", response_model=RedriveOut, responses=answers(404, 504))
 async def get_redrive(redrive_id: RedriveIdPath, temporal: TemporalDep) -> RedriveOut:
     """A redrive's progress: total, sent, resolved, failed again, skipped."""
-    return await _redrive_answer(redrive_progress, temporal, redrive_id)
+    return RedriveOut.of(await redrive_progress(temporal, redrive_id))
 
 
 @router.post("/redrives/{redrive_id}/pause", response_model=RedriveOut, responses=REDRIVE_ANSWERS)
 async def pause(redrive_id: RedriveIdPath, temporal: TemporalDep) -> RedriveOut:
     """No more sends until resumed."""
-    return await _redrive_answer(pause_redrive, temporal, redrive_id)
+    return RedriveOut.of(await pause_redrive(temporal, redrive_id))
 
 
 @router.post("/redrives/{redrive_id}/resume", response_model=RedriveOut, responses=REDRIVE_ANSWERS)
 async def resume(redrive_id: RedriveIdPath, temporal: TemporalDep) -> RedriveOut:
     """Sends again, at the redrive's pace."""
-    return await _redrive_answer(resume_redrive, temporal, redrive_id)
+    return RedriveOut.of(await resume_redrive(temporal, redrive_id))
 
 
 @router.post("/redrives/{redrive_id}/cancel", response_model=RedriveOut, responses=REDRIVE_ANSWERS)
 async def cancel(redrive_id: RedriveIdPath, temporal: TemporalDep) -> RedriveOut:
     """Stops it for good; the letters not reached stay open."""
-    return await _redrive_answer(cancel_redrive, temporal, redrive_id)
+    return RedriveOut.of(await cancel_redrive(temporal, redrive_id))
 
 
 @router.get("/{dead_letter_id}", response_model=DeadLetterOut, responses=answers(404))
 async def get_letter(dead_letter_id: DeadLetterId, sessions: SessionsDep) -> DeadLetterOut:
     """One dead letter."""
-    try:
-        async with sessions() as session:
-            return DeadLetterOut.model_validate(await get_dead_letter(session, dead_letter_id))
-    except DeadLetterNotFound as missing:
-        raise HTTPException(404, str(missing)) from missing
+    async with sessions() as session:
+        return DeadLetterOut.model_validate(await get_dead_letter(session, dead_letter_id))
 
 
 @router.post(
@@ -201,18 +147,10 @@ async def get_letter(dead_letter_id: DeadLetterId, sessions: SessionsDep) -> Dea
     responses=answers(404, 409, 504),
 )
 async def retry_letter(
-    dead_letter_id: DeadLetterId, sessions: SessionsDep, temporal: TemporalDep
+    dead_letter_id: DeadLetterId, operator: OperatorDep
 ) -> DeadLetterCommandAccepted:
     """Run the parked step again with a fresh retry budget."""
-    try:
-        letter = await DeadLetterOperator(sessions, temporal).retry(dead_letter_id)
-    except DeadLetterNotFound as missing:
-        raise HTTPException(404, str(missing)) from missing
-    except CommandRejected as rejected:
-        raise HTTPException(409, str(rejected)) from rejected
-    except CommandUnconfirmed as unconfirmed:
-        raise HTTPException(504, str(unconfirmed)) from unconfirmed
-    return _accepted(letter)
+    return DeadLetterCommandAccepted.of(await operator.retry(dead_letter_id))
 
 
 @router.post(
@@ -222,17 +160,8 @@ async def retry_letter(
     dependencies=[Depends(require_json)],
 )
 async def discard_letter(
-    dead_letter_id: DeadLetterId, body: DiscardIn, sessions: SessionsDep, temporal: TemporalDep
+    dead_letter_id: DeadLetterId, body: DiscardIn, operator: OperatorDep
 ) -> DeadLetterCommandAccepted:
     """Give up on the parked step, recording who and why."""
-    try:
-        letter = await DeadLetterOperator(sessions, temporal).discard(
-            dead_letter_id, body.reason, body.actor
-        )
-    except DeadLetterNotFound as missing:
-        raise HTTPException(404, str(missing)) from missing
-    except CommandRejected as rejected:
-        raise HTTPException(409, str(rejected)) from rejected
-    except CommandUnconfirmed as unconfirmed:
-        raise HTTPException(504, str(unconfirmed)) from unconfirmed
-    return _accepted(letter)
+    letter = await operator.discard(dead_letter_id, body.reason, body.actor)
+    return DeadLetterCommandAccepted.of(letter)

@@ -7,7 +7,6 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Path
 from fastapi.responses import JSONResponse
-from sqlalchemy import select
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from api.deps import (
@@ -20,18 +19,19 @@ from api.deps import (
 )
 from api.errors import answers
 from api.limits import require_json
+from api.queries import order_with_steps
 from api.schemas import (
     OrderAccepted,
     OrderCancelAccepted,
     OrderIn,
-    OrderItemIn,
     OrderOut,
-    StepOut,
     StorableStr,
 )
+from core.cancellation import CancelVerdict, cancel_verdict
 from core.contracts import CancelRequest
 from core.db import read_session
-from core.models import Order, OrderStatus, OrderStep, Step, StepStatus
+from core.models import OrderStatus
+from core.names import CANCEL_SIGNAL
 from core.temporal import start_order_workflow
 
 router = APIRouter(
@@ -88,33 +88,10 @@ async def place_order(
 async def get_order(order_id: OrderId, sessions: SessionsDep) -> OrderOut:
     """The order, its overall status and each follow-up step's status."""
     async with read_session(sessions) as session:
-        order = await session.get(Order, order_id)
-        if order is None:
-            raise HTTPException(404, f"order {order_id} not found")
-        steps = (
-            await session.scalars(
-                select(OrderStep).where(OrderStep.order_id == order_id).order_by(OrderStep.step)
-            )
-        ).all()
-    return OrderOut(
-        order_id=order.id,
-        status=order.status,
-        amount_cents=order.amount_cents,
-        currency=order.currency,
-        items=[OrderItemIn.model_validate(item) for item in order.items],
-        created_at=order.created_at,
-        cancelled_at=order.cancelled_at,
-        steps=[
-            StepOut(
-                step=step.step,
-                status=step.status,
-                attempts=step.attempts,
-                last_error=step.last_error,
-                updated_at=step.updated_at,
-            )
-            for step in steps
-        ],
-    )
+        found = await order_with_steps(session, order_id)
+    if found is None:
+        raise HTTPException(404, f"order {order_id} not found")
+    return OrderOut.of(*found)
 
 
 @router.post(
@@ -129,16 +106,19 @@ async def cancel_order(
     """Ask the order's workflow to cancel it. The warehouse notification is skipped if it has not
     been delivered yet; once the warehouse accepted the order, the cancel is too late (409)."""
     async with sessions() as session:
-        order = await session.get(Order, order_id)
-        if order is None:
-            raise HTTPException(404, f"order {order_id} not found")
-        warehouse = await session.get(OrderStep, (order_id, Step.NOTIFY_WAREHOUSE.value))
-    if order.cancelled_at is not None:
+        found = await order_with_steps(session, order_id)
+    if found is None:
+        raise HTTPException(404, f"order {order_id} not found")
+    order, steps = found
+    verdict = cancel_verdict(order, steps)
+    if verdict == CancelVerdict.ALREADY_CANCELLED:
         return OrderCancelAccepted(order_id=order_id, status=order.status)
-    if warehouse is not None and warehouse.status == StepStatus.SUCCEEDED:
+    if verdict == CancelVerdict.TOO_LATE:
         raise HTTPException(
             409, f"order {order_id} was already sent to the warehouse; cancel it there"
         )
+    # Not part of the rule the workflow applies: a completed order's workflow has closed, and
+    # the signal-with-start below would start it again.
     if order.status == OrderStatus.COMPLETED:
         raise HTTPException(409, f"order {order_id} is already completed")
     try:
@@ -148,7 +128,7 @@ async def cancel_order(
             temporal,
             order_id,
             settings.TEMPORAL_TASK_QUEUE,
-            start_signal="cancel",
+            start_signal=CANCEL_SIGNAL,
             start_signal_args=[CancelRequest(actor="api")],
         )
     except WorkflowAlreadyStartedError as closed:

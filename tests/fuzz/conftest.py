@@ -17,7 +17,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from core.settings import Settings
 from tests.conftest import ROOT, WEBHOOK_SECRET, fresh_database
-from tests.test_database_concurrency import api_processes
+from tests.integration.api.test_database_concurrency import api_processes
 
 FUZZ_KEY = "fuzz-key-" + uuid.uuid4().hex
 FIGURES = ROOT / "test-output" / "fuzz-figures.json"

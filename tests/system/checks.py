@@ -181,7 +181,7 @@ async def check_orders(
             f"{len(charges)} charged keys for {len(by_key)} orders"
         )
 
-    # Only this scenario's orders: every sweeper sweeps the whole database, so an order an
+    # Only this scenario's orders: every relay sweeps the whole database, so an order an
     # earlier scenario left unstarted (its API killed) may be started on this queue.
     ours = set(order_ids)
     runs = Counter(

@@ -36,7 +36,7 @@ from tests.worker_processes import worker_environment
 RESULTS = ROOT / "test-output" / "system"
 SERVER_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
 # What every scenario's processes run with unless it says otherwise: failed attempts are retried
-# within seconds and the sweeper looks often, so a scenario drains in its time slot. (A scenario
+# within seconds and the relay looks often, so a scenario drains in its time slot. (A scenario
 # that kills attempts shortens STEP_ATTEMPT_TIMEOUT_SECONDS, so the dead ones are retried soon.)
 KILLED_ATTEMPTS_ENV: dict[str, object] = {"STEP_ATTEMPT_TIMEOUT_SECONDS": 5}
 SUITE_ENV: dict[str, object] = {

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "test-output" / "system"
 DOC = ROOT / "docs" / "reliability.md"
 START, END = "<!-- system-results:start -->", "<!-- system-results:end -->"
-# The numbering, so the table reads in the order the scenarios are specified.
+# Numbered from the simplest fault to the compound ones, the order the table reads in.
 SCENARIOS = [
     ("1", "duplicate_storm", "Duplicate storm"),
     ("2", "workers_killed", "Workers SIGKILLed mid-stream"),

@@ -1,0 +1,408 @@
+"""Side effects that happen once: a worker interrupted at each crash point of each step, by an
+exception or by SIGKILL, and what the customer and the warehouse saw afterwards.
+
+Run as a module (`python -m tests.integration.worker.test_crash_points`) it is the worker that
+kills itself: the real worker on the test's task queue, with a checkpoint that sends SIGKILL to
+its own process at the crash point named in CRASH_AT."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import SecretStr
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from temporalio import activity
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from activities.checkpoint import (
+    AFTER_EFFECT,
+    AFTER_RECORD,
+    BEFORE_EFFECT,
+    CRASH_POINTS,
+    Checkpoint,
+)
+from activities.smtp import SmtpMailer
+from core.contracts import STEPS
+from core.db import create_engine, create_sessionmaker
+from core.models import OrderStep, StepStatus
+from core.settings import Settings
+from core.temporal import connect_temporal
+from devsinks.smtp import MailSink
+from devsinks.warehouse import WarehouseReceiver
+from tests.conftest import ROOT, api_client, running_worker
+from tests.support import order_body, place_order, wait_for_order_status
+from worker import create_activities
+from workflows.order import OrderWorkflow
+
+RECEIPT, WAREHOUSE = STEPS
+
+
+class InjectedCrash(RuntimeError):
+    pass
+
+
+def crash_once(step: str, point: str) -> tuple[Any, list[int]]:
+    """A checkpoint that fails the given step's attempt at the given point, the first time only;
+    it also notes the attempt it interrupted."""
+    interrupted: list[int] = []
+
+    async def checkpoint(at: str) -> None:
+        info = activity.info()
+        if at == point and info.activity_type == step and not interrupted:
+            interrupted.append(info.attempt)
+            raise InjectedCrash(f"injected crash in {step} at {point}")
+
+    return checkpoint, interrupted
+
+
+@dataclass
+class Seen:
+    """What the outside world saw of one order, and how its steps ended."""
+
+    raw_emails: int
+    distinct_message_ids: int
+    deliveries: int
+    accepted: int
+    outcomes: dict[str, list[tuple[int, str]]]  # step -> (attempt, outcome) of completed attempts
+
+    def line(self) -> str:
+        return (
+            f"e-mails raw={self.raw_emails} distinct Message-IDs={self.distinct_message_ids}; "
+            f"webhook deliveries={self.deliveries} accepted={self.accepted}; "
+            f"completions={self.outcomes}"
+        )
+
+
+async def observe(
+    client: Client,
+    order_id: str,
+    email: str,
+    mail: MailSink,
+    warehouse: WarehouseReceiver,
+) -> Seen:
+    receipts = mail.to(email)
+    deliveries = warehouse.deliveries_for(order_id)
+    accepted = [d for d in deliveries if d.answered == 202 and not d.duplicate]
+    return Seen(
+        raw_emails=len(receipts),
+        distinct_message_ids=len({m.message_id for m in receipts}),
+        deliveries=len(deliveries),
+        accepted=len(accepted),
+        outcomes=await completed_attempts(client, order_id),
+    )
+
+
+async def wait_for_workflow(client: Client, order_id: str) -> None:
+    # The ledger marks the order completed before Temporal hears of the last step; the history
+    # holds every attempt only once the workflow itself has closed.
+    handle = client.get_workflow_handle(order_id)
+    try:
+        await asyncio.wait_for(handle.result(), timeout=60)
+    except TimeoutError:
+        history = await handle.fetch_history()
+        pending = (await handle.describe()).raw_description
+        events = [
+            EventType.Name(event.event_type)[len("EVENT_TYPE_") :] for event in history.events
+        ]
+        raise AssertionError(
+            f"workflow {order_id} still open after 60 s; history: {events}; "
+            f"pending workflow task: {pending.pending_workflow_task}; "
+            f"pending activities: {list(pending.pending_activities)}"
+        ) from None
+
+
+async def completed_attempts(client: Client, order_id: str) -> dict[str, list[tuple[int, str]]]:
+    """From the workflow's history: which attempt of each step completed, with what outcome,
+    counting the step's attempts: a local first attempt is a marker, and the activity tasks after
+    it carry the attempts already made in their input."""
+    history = await client.get_workflow_handle(order_id).fetch_history()
+    scheduled: dict[int, tuple[str, int]] = {}
+    attempt_of: dict[int, int] = {}
+    completed: dict[str, list[tuple[int, str]]] = {}
+    for event in history.events:
+        if event.HasField("activity_task_scheduled_event_attributes"):
+            attributes = event.activity_task_scheduled_event_attributes
+            offset = json.loads(attributes.input.payloads[0].data).get("attempt_offset", 0)
+            scheduled[event.event_id] = (attributes.activity_type.name, offset)
+        elif event.HasField("activity_task_started_event_attributes"):
+            started = event.activity_task_started_event_attributes
+            attempt_of[started.scheduled_event_id] = started.attempt
+        elif event.HasField("activity_task_completed_event_attributes"):
+            done = event.activity_task_completed_event_attributes
+            step, offset = scheduled[done.scheduled_event_id]
+            if step in STEPS:
+                result = json.loads(done.result.payloads[0].data)
+                completed.setdefault(step, []).append(
+                    (offset + attempt_of[done.scheduled_event_id], result["outcome"])
+                )
+        elif event.HasField("marker_recorded_event_attributes"):
+            marker = event.marker_recorded_event_attributes
+            if "result" not in marker.details:
+                continue  # a local attempt that failed
+            meta = json.loads(marker.details["data"].payloads[0].data)
+            if meta["activity_type"] in STEPS:
+                result = json.loads(marker.details["result"].payloads[0].data)
+                completed.setdefault(meta["activity_type"], []).append(
+                    (meta["attempt"], result["outcome"])
+                )
+    return completed
+
+
+async def step_row(sessions: async_sessionmaker[AsyncSession], order_id: str, step: str) -> Any:
+    async with sessions() as session:
+        return await session.get(OrderStep, (order_id, step))
+
+
+# What the retry sees after each crash point: the only window is between the effect and the
+# ledger's record of it, where the retry repeats the effect under the same key.
+REPEATS_EFFECT = {BEFORE_EFFECT: False, AFTER_EFFECT: True, AFTER_RECORD: False}
+RETRY_OUTCOME = {
+    BEFORE_EFFECT: "performed",
+    AFTER_EFFECT: "performed",
+    AFTER_RECORD: "already_done",
+}
+
+
+def assert_once(step: str, point: str, seen: Seen) -> None:
+    # The customer has one receipt (by Message-ID) and the warehouse accepted one delivery.
+    assert seen.distinct_message_ids == 1
+    assert seen.accepted == 1
+    repeats = REPEATS_EFFECT[point]
+    assert seen.raw_emails == (2 if step == RECEIPT and repeats else 1)
+    assert seen.deliveries == (2 if step == WAREHOUSE and repeats else 1)
+    # The crashed attempt never completed; the retry did, and knew whether it had work left.
+    assert seen.outcomes[step] == [(2, RETRY_OUTCOME[point])]
+    other = WAREHOUSE if step == RECEIPT else RECEIPT
+    assert seen.outcomes[other] == [(1, "performed")]
+
+
+@pytest.fixture(params=["local", "activity"])
+def first_attempt(request: pytest.FixtureRequest) -> str:
+    """STEP_FIRST_ATTEMPT: the step's first attempt as a local activity inside the workflow
+    task, or as an activity task."""
+    return str(request.param)
+
+
+@pytest.mark.parametrize("point", CRASH_POINTS)
+@pytest.mark.parametrize("step", STEPS)
+async def test_attempt_failing_at_a_crash_point_leaves_one_effect(
+    step: str,
+    point: str,
+    first_attempt: str,
+    settings: Settings,
+    env: WorkflowEnvironment,
+    sessions: async_sessionmaker[AsyncSession],
+    api: httpx.AsyncClient,
+    mail: MailSink,
+    warehouse: WarehouseReceiver,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    checkpoint, interrupted = crash_once(step, point)
+    body = order_body()
+    settings = settings.model_copy(update={"STEP_FIRST_ATTEMPT": first_attempt})
+    async with running_worker(env.client, settings, sessions, checkpoint=checkpoint):
+        order_id = await place_order(api, body)
+        await wait_for_order_status(api, order_id, "completed")
+        await wait_for_workflow(env.client, order_id)
+
+    assert interrupted == [1]
+    seen = await observe(env.client, order_id, body["customer_email"], mail, warehouse)
+    with capsys.disabled():
+        print(f"\n[crash point] {first_attempt} raise  {step}:{point}: {seen.line()}")
+    assert_once(step, point, seen)
+    row = await step_row(sessions, order_id, step)
+    assert row.status == StepStatus.SUCCEEDED
+    if point == AFTER_RECORD:
+        # The ledger committed before the crash, so the retry found it done and did nothing.
+        assert row.occurrence_attempts == 1
+
+
+def subprocess_env(settings: Settings, crash_at: str, marker: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    for name in settings.model_fields_set:
+        value = getattr(settings, name)
+        env[name] = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+    env["CRASH_AT"] = crash_at
+    env["CRASH_MARKER"] = str(marker)
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+@pytest.fixture
+def kill_settings(settings: Settings, first_attempt: str) -> Settings:
+    # A killed worker's activity task is only retried when its start-to-close timeout runs out
+    # (a killed local attempt, when its workflow task's timeout does).
+    return settings.model_copy(
+        update={"STEP_ATTEMPT_TIMEOUT_SECONDS": 3.0, "STEP_FIRST_ATTEMPT": first_attempt}
+    )
+
+
+@pytest.fixture
+def marker(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path / "crashed"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("step", "point"),
+    [
+        (RECEIPT, AFTER_EFFECT),
+        (WAREHOUSE, AFTER_EFFECT),
+        (RECEIPT, BEFORE_EFFECT),
+        (WAREHOUSE, AFTER_RECORD),
+    ],
+)
+async def test_worker_killed_at_a_crash_point_leaves_one_effect(
+    step: str,
+    point: str,
+    first_attempt: str,
+    kill_settings: Settings,
+    env: WorkflowEnvironment,
+    sessions: async_sessionmaker[AsyncSession],
+    mail: MailSink,
+    warehouse: WarehouseReceiver,
+    marker: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    local = first_attempt == "local"
+    doomed = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.integration.worker.test_crash_points",
+        cwd=ROOT,
+        env=subprocess_env(kill_settings, f"{step}:{point}", marker),
+    )
+    body = order_body()
+    try:
+        async with AsyncExitStack() as stack:
+            # Local-first, the attempt runs where the workflow task does: the doomed process is
+            # a whole worker and takes the first workflow task alone. Otherwise the workflow runs
+            # elsewhere the whole time, as it would on any surviving worker.
+            if not local:
+                await stack.enter_async_context(
+                    workflow_worker(env.client, kill_settings, sessions)
+                )
+            api = await stack.enter_async_context(api_client(kill_settings))
+            order_id = await place_order(api, body)
+            returncode = await asyncio.wait_for(doomed.wait(), timeout=60)
+            assert returncode == -signal.SIGKILL
+            assert await asyncio.to_thread(marker.read_text) == f"{step}:{point}"
+
+            # The survivor stays until the workflow closes: after a crash past the ledger record
+            # the order already reads completed while Temporal still retries the killed attempt.
+            survivor = (
+                running_worker(env.client, kill_settings, sessions)
+                if local
+                else activity_worker(env.client, kill_settings, sessions)
+            )
+            async with survivor:
+                await wait_for_order_status(api, order_id, "completed")
+                await wait_for_workflow(env.client, order_id)
+    finally:
+        if doomed.returncode is None:
+            doomed.kill()
+            await doomed.wait()
+
+    seen = await observe(env.client, order_id, body["customer_email"], mail, warehouse)
+    with capsys.disabled():
+        print(f"\n[crash point] {first_attempt} SIGKILL {step}:{point}: {seen.line()}")
+    assert seen.distinct_message_ids == 1
+    assert seen.accepted == 1
+    repeats = REPEATS_EFFECT[point]
+    if step == RECEIPT:
+        assert seen.raw_emails == (2 if repeats else 1)
+    else:
+        assert seen.deliveries == (2 if repeats else 1)
+    [(attempt, outcome)] = seen.outcomes[step]
+    assert outcome == RETRY_OUTCOME[point]
+    if local:
+        # The workflow task died with the worker and timed out; the survivor ran the workflow
+        # task again, and with it the same first attempt.
+        assert attempt == 1
+        assert await workflow_task_timeouts(env.client, order_id) >= 1
+    else:
+        # The killed attempt timed out; a later attempt on the surviving worker completed it.
+        assert attempt >= 2
+
+
+async def workflow_task_timeouts(client: Client, order_id: str) -> int:
+    history = await client.get_workflow_handle(order_id).fetch_history()
+    return sum(
+        event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT for event in history.events
+    )
+
+
+async def _doomed_worker() -> None:
+    """A worker that SIGKILLs its own process when a step reaches the crash point in CRASH_AT."""
+    settings = Settings()
+    step, point = os.environ["CRASH_AT"].split(":")
+    marker = Path(os.environ["CRASH_MARKER"])
+
+    async def checkpoint(at: str) -> None:
+        if at == point and activity.info().activity_type == step:
+            await asyncio.to_thread(marker.write_text, f"{step}:{point}")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    engine = create_engine(settings)
+    client = await connect_temporal(settings)
+    sessions = create_sessionmaker(engine)
+    if settings.STEP_FIRST_ATTEMPT == "local":
+        # The first attempt runs in the workflow task: this process must run the workflow.
+        async with running_worker(client, settings, sessions, checkpoint=checkpoint):
+            await asyncio.Event().wait()
+    async with activity_worker(client, settings, sessions, checkpoint=checkpoint):
+        await asyncio.Event().wait()
+
+
+# The process that is killed runs the step activities only; the workflow runs elsewhere the whole
+# time, as it would on any surviving worker.
+@asynccontextmanager
+async def activity_worker(
+    client: Client,
+    settings: Settings,
+    sessions: async_sessionmaker[AsyncSession],
+    *,
+    checkpoint: Checkpoint | None = None,
+) -> AsyncIterator[Worker]:
+    async with httpx.AsyncClient() as http:
+        mailer = SmtpMailer(settings.SMTP_HOST, settings.SMTP_PORT, settings.SMTP_TIMEOUT_SECONDS)
+        activities = create_activities(settings, sessions, http, mailer, checkpoint=checkpoint)
+        async with Worker(
+            client, task_queue=settings.TEMPORAL_TASK_QUEUE, activities=activities
+        ) as worker:
+            yield worker
+
+
+@asynccontextmanager
+async def workflow_worker(
+    client: Client, settings: Settings, sessions: async_sessionmaker[AsyncSession]
+) -> AsyncIterator[Worker]:
+    async with httpx.AsyncClient() as http:
+        mailer = SmtpMailer(settings.SMTP_HOST, settings.SMTP_PORT, settings.SMTP_TIMEOUT_SECONDS)
+        async with Worker(
+            client,
+            task_queue=settings.TEMPORAL_TASK_QUEUE,
+            workflows=[OrderWorkflow],
+            # The workflow's local activity (its policy) runs here; step activities do not.
+            activities=create_activities(settings, sessions, http, mailer),
+            no_remote_activities=True,
+        ) as worker:
+            yield worker
+
+
+if __name__ == "__main__":
+    asyncio.run(_doomed_worker())
