@@ -202,9 +202,11 @@ async def start_redrive(
     limit: int | None = None,
     page_size: int = PAGE_SIZE,
     continue_after_events: int = CONTINUE_AFTER_EVENTS,
+    redrive_id: str | None = None,
 ) -> str:
-    """Starts a redrive on the orders' task queue; returns its ID (also its workflow ID)."""
-    redrive_id = new_redrive_id()
+    """Starts a redrive on the orders' task queue; returns its ID (also its workflow ID). A
+    given `redrive_id` that is still running refuses the start (WorkflowAlreadyStartedError)."""
+    redrive_id = redrive_id or new_redrive_id()
     try:
         await client.start_workflow(
             REDRIVE_WORKFLOW,
