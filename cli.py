@@ -1,6 +1,7 @@
 """`orderflow`: the operator's command line. `orderflow dlq ...` reviews, retries and discards dead
-letters through core/dead_letters.py (the same code as the API), reading the same settings
-(DATABASE_URL, TEMPORAL_ADDRESS, ...); `orderflow sinks ...` breaks and heals the dev sinks of
+letters through core/dead_letters.py, and starts, follows and steers bulk redrives through
+core/redrives.py (the same code as the API), reading the same settings (DATABASE_URL,
+TEMPORAL_ADDRESS, TEMPORAL_TASK_QUEUE, ...); `orderflow sinks ...` breaks and heals the dev sinks of
 `make run` (SINKS_URL) to watch retries and dead letters happen.
 
 Exit codes: 0 done; 1 the command was refused (unknown ID, letter not open, workflow refused);
@@ -22,15 +23,20 @@ from core.models import DeadLetterStatus, Step
 from core.settings import Settings
 
 if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
     from temporalio.client import Client
 
     from core.models import DeadLetter
+    from core.redrives import RedriveProgress
 
 EXIT_REFUSED = 1
 EXIT_UNREACHABLE = 3
 SINKS = ("warehouse", "smtp")
 # Where each sink's fault controls live under SINKS_URL.
 FAULT_PATHS = {"warehouse": "/webhooks/faults", "smtp": "/mail/faults"}
+# `dlq retry --all --follow`: how often the progress is read, and its bar's width.
+FOLLOW_INTERVAL_SECONDS = 0.5
+BAR_WIDTH = 30
 
 
 class Refused(Exception):
@@ -127,6 +133,7 @@ async def dlq(args: argparse.Namespace, settings: Settings) -> str:
         list_dead_letters,
     )
     from core.outages import DependencyUnavailable
+    from core.redrives import RedriveNotFound, RedriveRefused, RedriveUnconfirmed
 
     engine = create_engine(settings)
     sessions = create_sessionmaker(engine)
@@ -148,7 +155,10 @@ async def dlq(args: argparse.Namespace, settings: Settings) -> str:
             async with sessions() as session:
                 return describe(await get_dead_letter(session, args.id))
 
-        operator = DeadLetterOperator(sessions, await _temporal(settings))
+        temporal = await _temporal(settings)
+        if args.action == "redrive":
+            return await steer_redrive(args, temporal)
+        operator = DeadLetterOperator(sessions, temporal)
         if args.action == "discard":
             letter = await operator.discard(args.id, args.reason, args.actor)
             return f"dead letter {letter.id} ({letter.order_id} {letter.step}): {letter.status}"
@@ -158,31 +168,119 @@ async def dlq(args: argparse.Namespace, settings: Settings) -> str:
                 f"dead letter {letter.id} ({letter.order_id} {letter.step}): {letter.status}; "
                 f"follow it with `orderflow dlq list --order {letter.order_id} --status all`"
             )
-        outcome = await operator.retry_matching(
-            DeadLetterFilter(step=args.step, error_type=args.error_type),
-            per_second=args.per_second,
-            limit=args.limit,
-        )
-        rows: list[list[object]] = [[i, "retrying", ""] for i in outcome.retried]
-        rows += [[i, "refused", _short(why, 80)] for i, why in outcome.rejected.items()]
-        summary = (
-            f"retried {len(outcome.retried)}, refused {len(outcome.rejected)} "
-            f"in {outcome.elapsed_seconds:.1f}s (at most {args.per_second:g}/s)"
-        )
-        if not rows:
-            return "no open dead letter matches"
-        report = f"{table(('ID', 'RESULT', 'REASON'), rows)}\n{summary}"
-        if outcome.rejected:
-            raise Refused(report)
-        return report
-    except (DeadLetterNotFound, CommandRejected) as refused:
+        return await bulk_retry(args, settings, sessions, temporal)
+    except (DeadLetterNotFound, CommandRejected, RedriveNotFound, RedriveRefused) as refused:
         raise Refused(str(refused)) from refused
-    except (CommandUnconfirmed, DependencyUnavailable) as unconfirmed:
+    except (CommandUnconfirmed, RedriveUnconfirmed, DependencyUnavailable) as unconfirmed:
         raise Unreachable(str(unconfirmed)) from unconfirmed
     except (SQLAlchemyError, OSError) as failure:
         raise Unreachable(f"database {_safe_url(settings)}: {failure}") from failure
     finally:
         await engine.dispose()
+
+
+async def bulk_retry(
+    args: argparse.Namespace,
+    settings: Settings,
+    sessions: async_sessionmaker[AsyncSession],
+    temporal: Client,
+) -> str:
+    """Starts a redrive of the matching open letters (a workflow: it goes on without this
+    command) and, with --follow, shows its progress until it is over."""
+    from core.dead_letters import DeadLetterFilter, list_dead_letters
+    from core.redrives import RedriveFilter, start_redrive
+
+    where = RedriveFilter(step=args.step, error_type=args.error_type)
+    async with sessions() as session:
+        _, matching = await list_dead_letters(
+            session,
+            DeadLetterFilter(
+                status=DeadLetterStatus.OPEN, step=where.step, error_type=where.error_type
+            ),
+            limit=1,
+            offset=0,
+        )
+    if not matching:
+        return "no open dead letter matches"
+    redrive_id = await start_redrive(
+        temporal,
+        settings.TEMPORAL_TASK_QUEUE,
+        where,
+        per_second=args.per_second,
+        limit=args.limit,
+    )
+    print(
+        f"redrive {redrive_id}: {min(matching, args.limit)} open dead letter(s) at most "
+        f"{args.per_second:g}/s",
+        flush=True,
+    )
+    if not args.follow:
+        return (
+            f"it runs on in Temporal: `orderflow dlq redrive show {redrive_id}`, "
+            f"or `... pause|resume|cancel {redrive_id}`"
+        )
+    final = await follow(temporal, redrive_id)
+    if final.skipped:
+        raise Refused(f"{summary(final)}; last skipped:\n" + "\n".join(final.last_skips))
+    return summary(final)
+
+
+async def follow(temporal: Client, redrive_id: str) -> RedriveProgress:
+    """Polls the redrive until it is over: a progress bar on a terminal, else a line per change."""
+    from core.redrives import OVER, RedriveUnconfirmed, redrive_progress
+
+    tty = sys.stdout.isatty()
+    shown = ""
+    while True:
+        try:
+            current = await redrive_progress(temporal, redrive_id)
+        except RedriveUnconfirmed:
+            current = None  # a worker restarting: the redrive waits in Temporal, so do we
+        if current is not None:
+            line = progress_line(current, bar=tty)
+            if line != shown:
+                print(("\r" + line) if tty else line, end="" if tty else "\n", flush=True)
+                shown = line
+            if current.state in OVER:
+                if tty:
+                    print(flush=True)
+                return current
+        await asyncio.sleep(FOLLOW_INTERVAL_SECONDS)
+
+
+def progress_line(progress: RedriveProgress, *, bar: bool) -> str:
+    counts = (
+        f"{progress.sent}/{progress.total} sent, {progress.resolved} resolved, "
+        f"{progress.failed_again} failed again, {progress.skipped} skipped "
+        f"({progress.state.replace('_', ' ')})"
+    )
+    if not bar:
+        return counts
+    done = (progress.sent + progress.skipped) / progress.total if progress.total else 1.0
+    filled = round(done * BAR_WIDTH)
+    return f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {counts}"
+
+
+def summary(progress: RedriveProgress) -> str:
+    took = (progress.finished_at or progress.started_at) - progress.started_at
+    return (
+        f"{progress.state}: sent {progress.sent} of {progress.total}, resolved "
+        f"{progress.resolved}, failed again {progress.failed_again}, skipped {progress.skipped} "
+        f"in {took:.1f}s (at most {progress.per_second:g}/s)"
+    )
+
+
+async def steer_redrive(args: argparse.Namespace, temporal: Client) -> str:
+    from core.redrives import cancel_redrive, pause_redrive, redrive_progress, resume_redrive
+
+    command = {
+        "show": redrive_progress,
+        "pause": pause_redrive,
+        "resume": resume_redrive,
+        "cancel": cancel_redrive,
+    }[args.command]
+    progress = await command(temporal, args.id)
+    return f"redrive {progress.redrive_id}: {progress_line(progress, bar=False)}"
 
 
 async def _temporal(settings: Settings) -> Client:
@@ -285,6 +383,13 @@ def parser() -> argparse.ArgumentParser:
         "--per-second", type=_positive_float, default=5.0, help="with --all: pace (default 5)"
     )
     retry.add_argument("--limit", type=_positive_int, default=1000, help="with --all")
+    retry.add_argument(
+        "--follow", action="store_true", help="with --all: show the redrive's progress to its end"
+    )
+
+    redrive = dlq_actions.add_parser("redrive", help="a bulk redrive's progress; steer it")
+    redrive.add_argument("command", choices=("show", "pause", "resume", "cancel"))
+    redrive.add_argument("id", metavar="REDRIVE_ID")
 
     discard = dlq_actions.add_parser("discard", help="give up on a parked step, saying why")
     discard.add_argument("id", type=_positive_int)
@@ -332,6 +437,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     bulk_filter = getattr(args, "step", None) or getattr(args, "error_type", None)
     if args.group == "dlq" and args.action == "retry" and not args.all and bulk_filter:
         parser().error("--step and --error-type filter a bulk retry: use them with --all")
+    if args.group == "dlq" and args.action == "retry" and not args.all and args.follow:
+        parser().error("--follow follows a bulk retry: use it with --all")
     settings = Settings()
     command = dlq if args.group == "dlq" else sinks
     try:

@@ -1,6 +1,7 @@
-"""The worker process: builds the clients the activities use, runs OrderWorkflow and its
-activities on the task queue, relays the outbox's orders whose workflow nobody started, and
-keeps the retention cleanup's Temporal Schedule up to date (RetentionWorkflow runs here too).
+"""The worker process: builds the clients the activities use, runs OrderWorkflow, the bulk
+redrives' RedriveWorkflow and their activities on the task queue, relays the outbox's orders
+whose workflow nobody started, and keeps the retention cleanup's Temporal Schedule up to date
+(RetentionWorkflow runs here too).
 
 Run it with `python worker.py`; it reads the same environment variables as the API."""
 
@@ -25,6 +26,7 @@ from activities.metrics import StepMetricsInterceptor, worker_runtime
 from activities.orders import OrderActivities
 from activities.policy import PolicyActivities
 from activities.receipt import Mailer, ReceiptActivities
+from activities.redrive import RedriveActivities
 from activities.retention import RetentionActivities
 from activities.retry import Backoff, LedgerOutages
 from activities.smtp import SmtpMailer
@@ -37,6 +39,7 @@ from core.settings import Settings, get_settings
 from core.temporal import connect_temporal
 from core.tracing import sandbox_runner, tracing_from_environment
 from workflows.order import OrderWorkflow
+from workflows.redrive import RedriveWorkflow
 from workflows.retention import RetentionWorkflow
 
 log = logging.getLogger("orderflow.worker")
@@ -51,7 +54,10 @@ def create_activities(
     mailer: Mailer,
     *,
     checkpoint: Checkpoint | None = None,
+    temporal: Client | None = None,
 ) -> list[Callable[..., Any]]:
+    """The activities, built on the given clients; the bulk redrive's need `temporal` (it sends
+    the orders' workflows their updates) and are left out without it."""
     backoff = Backoff(settings)
     # One per process for both steps, so an outage burst is one warning, not one per step.
     outages = LedgerOutages(backoff)
@@ -63,7 +69,7 @@ def create_activities(
     )
     dead_letters = DeadLetterActivities(sessions)
     policy = PolicyActivities(settings)
-    return [
+    activities: list[Callable[..., Any]] = [
         receipts.send_receipt,
         warehouse.notify_warehouse,
         dead_letters.record_dead_letter,
@@ -72,6 +78,15 @@ def create_activities(
         policy.load_step_policy,
         RetentionActivities(sessions).purge_expired,
     ]
+    if temporal is not None:
+        redrive = RedriveActivities(sessions, temporal)
+        activities += [
+            redrive.snapshot_redrive,
+            redrive.list_redrive_page,
+            redrive.send_redrive_retry,
+            redrive.redrive_outcomes,
+        ]
+    return activities
 
 
 def create_worker(
@@ -84,7 +99,7 @@ def create_worker(
     return Worker(
         client,
         task_queue=task_queue or settings.TEMPORAL_TASK_QUEUE,
-        workflows=[OrderWorkflow, RetentionWorkflow],
+        workflows=[OrderWorkflow, RetentionWorkflow, RedriveWorkflow],
         activities=activities,
         max_concurrent_activities=settings.WORKER_MAX_CONCURRENT_ACTIVITIES,
         max_concurrent_workflow_tasks=settings.WORKER_MAX_CONCURRENT_WORKFLOW_TASKS,
@@ -115,7 +130,7 @@ async def run(settings: Settings) -> None:
             settings, interceptors=tracing.interceptors(), runtime=runtime
         )
         worker = create_worker(
-            client, settings, create_activities(settings, sessions, http, mailer)
+            client, settings, create_activities(settings, sessions, http, mailer, temporal=client)
         )
 
         try:

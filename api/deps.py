@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.datastructures import Headers
 from temporalio.client import Client
 
-from api.admin.redrives import BulkRedrives
+from api.admin.redrives import PageRedrives
 from api.dispatcher import WorkflowDispatcher
 from api.intake import OrderIntake
 from core.dead_letters import DeadLetterOperator
@@ -49,8 +49,8 @@ async def get_dispatcher(request: Request) -> WorkflowDispatcher:
     return cast(WorkflowDispatcher, request.app.state.dispatcher)
 
 
-async def get_redrives(request: Request) -> BulkRedrives:
-    return cast(BulkRedrives, request.app.state.redrives)
+async def get_redrives(request: Request) -> PageRedrives:
+    return cast(PageRedrives, request.app.state.redrives)
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
@@ -58,7 +58,7 @@ SessionsDep = Annotated[async_sessionmaker[AsyncSession], Depends(get_sessions)]
 TemporalDep = Annotated[Client, Depends(get_temporal)]
 IntakeDep = Annotated[OrderIntake, Depends(get_intake)]
 DispatcherDep = Annotated[WorkflowDispatcher, Depends(get_dispatcher)]
-RedrivesDep = Annotated[BulkRedrives, Depends(get_redrives)]
+RedrivesDep = Annotated[PageRedrives, Depends(get_redrives)]
 
 
 async def get_operator(sessions: SessionsDep, temporal: TemporalDep) -> DeadLetterOperator:

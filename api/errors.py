@@ -24,6 +24,7 @@ from core.outages import (
     is_database_outage,
     is_temporal_outage,
 )
+from core.redrives import RedriveNotFound, RedriveRefused, RedriveUnconfirmed
 
 RETRY_AFTER_HEADER = {
     "Retry-After": {
@@ -123,6 +124,9 @@ DEAD_LETTER_REFUSALS: dict[type[Exception], int] = {
     DeadLetterNotFound: 404,
     CommandRejected: 409,
     CommandUnconfirmed: 504,
+    RedriveNotFound: 404,
+    RedriveRefused: 409,
+    RedriveUnconfirmed: 504,
 }
 
 

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 
 from api.admin import actions as admin_actions
 from api.admin import pages as admin_pages
-from api.admin.redrives import BulkRedrives
+from api.admin.redrives import PageRedrives
 from api.admin.views import STATIC_MOUNT, static_files
 from api.deps import check_api_keys
 from api.dispatcher import WorkflowDispatcher
@@ -21,7 +21,6 @@ from api.limits import install_limits
 from api.metrics import install_metrics
 from api.routes import dead_letters, health, orders
 from core.db import create_engine, create_sessionmaker
-from core.dead_letters import DeadLetterOperator
 from core.logging import configure_logging
 from core.metrics import WorkflowStartMetrics
 from core.outages import DATABASE, TEMPORAL, watch_database
@@ -66,8 +65,7 @@ def create_app(settings: Settings | None = None, *, tracing: Tracing | None = No
         app.state.sessions = sessions
         app.state.temporal = temporal
         app.state.dispatcher = dispatcher
-        redrives = BulkRedrives(DeadLetterOperator(sessions, temporal))
-        app.state.redrives = redrives
+        app.state.redrives = PageRedrives(temporal, app_settings.TEMPORAL_TASK_QUEUE)
         app.state.intake = OrderIntake(
             sessions,
             SandboxGateway(sessions),
@@ -77,7 +75,6 @@ def create_app(settings: Settings | None = None, *, tracing: Tracing | None = No
         try:
             yield
         finally:
-            await redrives.aclose()
             await dispatcher.aclose()
             await engine.dispose()
             app_tracing.flush()

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from dataclasses import asdict
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
@@ -21,6 +22,7 @@ from core.models import Step
 
 if TYPE_CHECKING:
     from core.models import DeadLetter, Order, OrderStep
+    from core.redrives import RedriveFilter, RedriveProgress
 
 
 def _storable(value: str) -> str:
@@ -207,23 +209,6 @@ class DeadLetterCommandAccepted(BaseModel):
         )
 
 
-class BulkRetryIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    step: Step | None = None
-    error_type: StorableStr | None = Field(default=None, max_length=200)
-    order_id: StorableStr | None = Field(default=None, max_length=40)
-    per_second: float = Field(default=5.0, gt=0, le=100)
-    limit: int = Field(default=100, ge=1, le=1000)
-
-
-class BulkRetryAccepted(BaseModel):
-    retried: list[int]
-    # Matching letters that could not be redriven, with the reason (e.g. their workflow closed).
-    rejected: dict[int, str]
-    elapsed_seconds: float
-
-
 class DiscardIn(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
@@ -254,3 +239,89 @@ class Readiness(BaseModel):
     ready: bool
     # "ok", or why the dependency is not: {"database": "ok", "temporal": "unreachable: ..."}.
     checks: dict[str, str]
+
+
+# --- bulk redrives -------------------------------------------------------------------------------
+
+# A redrive's filter rides in its workflow's history with every page it reads: kept short.
+MAX_REDRIVE_ORDER_IDS = 100
+RedriveState = Literal[
+    "listing", "sending", "paused", "waiting_for_outcomes", "finished", "cancelled"
+]
+OrderIdText = Annotated[str, StringConstraints(min_length=1, max_length=40), Storable]
+
+
+class RedriveIn(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"step": "notify_warehouse", "error_type": "WarehouseRejected", "per_second": 5}
+            ]
+        },
+    )
+
+    step: Step | None = None
+    error_type: Annotated[str, StringConstraints(max_length=200), Storable] | None = None
+    order_id: OrderIdText | None = None
+    order_ids: list[OrderIdText] = Field(default_factory=list, max_length=MAX_REDRIVE_ORDER_IDS)
+    per_second: float = Field(default=5.0, gt=0, le=100)
+    # The oldest `limit` letters that match; every match without it.
+    limit: int | None = Field(default=None, ge=1, le=MAX_DB_INT)
+
+
+class RedriveFilterOut(BaseModel):
+    step: str | None
+    error_type: str | None
+    order_ids: list[str]
+
+
+class RedriveStarted(BaseModel):
+    redrive_id: str
+    # Where its progress is (also the Location header).
+    progress_url: str
+    per_second: float
+    limit: int | None
+    filter: RedriveFilterOut
+
+    @classmethod
+    def of(
+        cls, redrive_id: str, progress_url: str, body: RedriveIn, where: RedriveFilter
+    ) -> RedriveStarted:
+        return cls(
+            redrive_id=redrive_id,
+            progress_url=progress_url,
+            per_second=body.per_second,
+            limit=body.limit,
+            filter=RedriveFilterOut(**asdict(where)),
+        )
+
+
+class RedriveOut(BaseModel):
+    redrive_id: str
+    state: RedriveState
+    total: int
+    sent: int
+    resolved: int
+    failed_again: int
+    skipped: int
+    per_second: float
+    filter: RedriveFilterOut
+    started_at: datetime | None
+    finished_at: datetime | None
+    # The latest few letters skipped, each with why.
+    last_skips: list[str]
+
+    @classmethod
+    def of(cls, progress: RedriveProgress) -> RedriveOut:
+        def moment(timestamp: float | None) -> datetime | None:
+            return datetime.fromtimestamp(timestamp, tz=UTC) if timestamp else None
+
+        return cls(
+            **{
+                **asdict(progress),
+                "filter": RedriveFilterOut(**asdict(progress.filter)),
+                "started_at": moment(progress.started_at),
+                "finished_at": moment(progress.finished_at),
+            }
+        )

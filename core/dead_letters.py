@@ -12,9 +12,8 @@ one is closed as resolved: its own handling is over and the problem lives on in 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import Select, func, select, update
@@ -225,14 +224,6 @@ async def discard_active(
         await discard_letter(session, dead_letter_id, reason=reason, actor=actor)
 
 
-@dataclass
-class BulkRetryOutcome:
-    retried: list[int] = field(default_factory=list)
-    # Letters that matched but could not be redriven, with the reason (closed workflow, ...).
-    rejected: dict[int, str] = field(default_factory=dict)
-    elapsed_seconds: float = 0.0
-
-
 class CommandUnconfirmed(Exception):
     """No worker took the command in time; the workflow may still apply it once one polls."""
 
@@ -262,9 +253,22 @@ class DeadLetterOperator:
         self._sessions = sessions
         self._client = client
 
-    async def retry(self, dead_letter_id: int) -> DeadLetter:
-        letter = await self._open_letter(dead_letter_id)
-        await self._send(letter, RETRY_STEP_UPDATE, RetryStepInput(letter.step, letter.id))
+    async def retry(
+        self, dead_letter_id: int, *, update_id: str | None = None, require_open: bool = True
+    ) -> DeadLetter:
+        """`update_id` names the update, so that sending it again (a bulk redrive's retried
+        send) is taken by Temporal as the same update rather than a second one. Such a repeat
+        passes `require_open=False`: its first send may have run the step already (the letter
+        reads `retrying` or `resolved`) while the update itself is still in flight, and only
+        the workflow can tell that from a letter someone else retried (which it refuses)."""
+        if require_open:
+            letter = await self._open_letter(dead_letter_id)
+        else:
+            async with self._sessions() as session:
+                letter = await get_dead_letter(session, dead_letter_id)
+        await self._send(
+            letter, RETRY_STEP_UPDATE, RetryStepInput(letter.step, letter.id), update_id=update_id
+        )
         async with self._sessions.begin() as session:
             # The redrive's first attempt marks it too; mark_retrying says who wins.
             await mark_retrying(session, letter.id)
@@ -285,42 +289,6 @@ class DeadLetterOperator:
             )
         async with self._sessions() as session:
             return await get_dead_letter(session, letter.id)
-
-    async def retry_matching(
-        self, where: DeadLetterFilter, *, per_second: float, limit: int
-    ) -> BulkRetryOutcome:
-        """Redrives the open dead letters that match, at most `per_second` redrives a second,
-        so a receiver that just recovered is not hit by the whole backlog at once. The n-th
-        redrive starts no earlier than (n-1)/per_second after the first."""
-        async with self._sessions() as session:
-            letters, _total = await list_dead_letters(
-                session,
-                DeadLetterFilter(
-                    status=DeadLetterStatus.OPEN,
-                    step=where.step,
-                    order_id=where.order_id,
-                    error_type=where.error_type,
-                ),
-                limit=limit,
-                offset=0,
-            )
-        outcome = BulkRetryOutcome()
-        interval = 1.0 / per_second
-        started = time.monotonic()
-        for index, letter in enumerate(letters):
-            # Paced against the schedule, not the previous call, so a slow call is not followed
-            # by an extra full interval, and a fast one never lets the next start early.
-            wait = started + index * interval - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            try:
-                await self.retry(letter.id)
-            except (CommandRejected, CommandUnconfirmed, DeadLetterNotFound) as rejected:
-                outcome.rejected[letter.id] = str(rejected)
-                continue
-            outcome.retried.append(letter.id)
-        outcome.elapsed_seconds = time.monotonic() - started
-        return outcome
 
     async def _open_letter(self, dead_letter_id: int) -> DeadLetter:
         async with self._sessions() as session:
@@ -343,14 +311,19 @@ class DeadLetterOperator:
         return described.status == WorkflowExecutionStatus.RUNNING
 
     async def _send(
-        self, letter: DeadLetter, update: str, argument: RetryStepInput | DiscardStepInput
+        self,
+        letter: DeadLetter,
+        update: str,
+        argument: RetryStepInput | DiscardStepInput,
+        *,
+        update_id: str | None = None,
     ) -> StepCommandResult:
         handle = self._client.get_workflow_handle(letter.workflow_id)
         timeout = COMMAND_TIMEOUT_SECONDS
         try:
             async with asyncio.timeout(timeout):
                 result: StepCommandResult = await handle.execute_update(
-                    update, argument, result_type=StepCommandResult
+                    update, argument, id=update_id, result_type=StepCommandResult
                 )
             return result
         except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError) as silence:

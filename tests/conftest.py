@@ -243,7 +243,9 @@ async def running_worker(
     test interrupt a side effect at a crash point."""
     async with httpx.AsyncClient() as http:
         mailer = SmtpMailer(settings.SMTP_HOST, settings.SMTP_PORT, settings.SMTP_TIMEOUT_SECONDS)
-        activities = create_activities(settings, sessions, http, mailer, checkpoint=checkpoint)
+        activities = create_activities(
+            settings, sessions, http, mailer, checkpoint=checkpoint, temporal=client
+        )
         worker = create_worker(client, settings, activities)
         try:
             async with worker:

@@ -110,7 +110,7 @@ async def bulk_retry(
         _, matching = await list_dead_letters(session, where, limit=1, offset=0)
     if not matching:
         return redirect(back, "error", f"No open dead letters for {step} / {error_type}.")
-    if not redrives.start(step, error_type):
+    if await redrives.start(step, error_type) is None:
         return redirect(back, "error", f"A retry of all {step} / {error_type} is already running.")
     return redirect(
         back,

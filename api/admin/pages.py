@@ -61,7 +61,7 @@ async def index(
         retrying, retrying_total = await list_dead_letters(
             session, DeadLetterFilter(status=DeadLetterStatus.RETRYING), limit=50, offset=0
         )
-    running = redrives.running()
+    running = await redrives.running([(g.step, g.error_type) for g in counts])
     groups = {
         (g.step, g.error_type): Group(
             g.step, g.error_type, g.count, g.oldest, [], (g.step, g.error_type) in running

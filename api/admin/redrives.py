@@ -1,17 +1,17 @@
-"""Bulk retries started from the review page. The page needs two things of them, `start` and
-`running`; the lifespan builds one `BulkRedrives` and closes it on shutdown. Another
-implementation (a durable workflow) can take its place behind those two methods."""
+"""Bulk retries started from the review page, each a RedriveWorkflow. A group's redrive takes an
+ID derived from the group, so Temporal itself refuses a second one while the first runs, whichever
+API process the click reaches, and the page asks Temporal which groups are being redriven."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
-from typing import Any
+import hashlib
 
-from core.dead_letters import DeadLetterFilter, DeadLetterOperator
-from core.models import DeadLetterStatus
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError
 
-log = logging.getLogger(__name__)
+from core.redrives import REDRIVE_ID_PREFIX, RedriveFilter, start_redrive
 
 # A recovered receiver sees at most this many redriven orders a second (each redrive is two side
 # effects at most), and one click moves at most BULK_LIMIT.
@@ -22,40 +22,43 @@ BULK_LIMIT = 1000
 Group = tuple[str, str]
 
 
-class BulkRedrives:
-    """Runs each bulk retry in the background of this API process, paced by
-    DeadLetterOperator.retry_matching, so the browser gets its answer at once. One per group at
-    a time; a second click while one runs is refused instead of doubling the pace."""
+def group_redrive_id(step: str, error_type: str) -> str:
+    digest = hashlib.sha256(f"{step}\0{error_type}".encode()).hexdigest()
+    return f"{REDRIVE_ID_PREFIX}{digest[:32]}"
 
-    def __init__(self, operator: DeadLetterOperator) -> None:
-        self._operator = operator
-        self._running: dict[Group, asyncio.Task[Any]] = {}
 
-    def running(self) -> set[Group]:
-        """The groups whose redrive has not finished."""
-        return {group for group, task in self._running.items() if not task.done()}
+class PageRedrives:
+    def __init__(self, client: Client, task_queue: str) -> None:
+        self._client = client
+        self._task_queue = task_queue
 
-    def start(self, step: str, error_type: str) -> bool:
-        """Starts redriving the group's open letters; False if its redrive is still running."""
-        group = (step, error_type)
-        if group in self.running():
-            return False
-        where = DeadLetterFilter(status=DeadLetterStatus.OPEN, step=step, error_type=error_type)
-        work = self._operator.retry_matching(where, per_second=BULK_PER_SECOND, limit=BULK_LIMIT)
-        task = asyncio.create_task(work, name=f"admin bulk retry {group}")
-        self._running[group] = task
-        task.add_done_callback(lambda done: self._finished(group, done))
-        return True
+    async def start(self, step: str, error_type: str) -> str | None:
+        """Starts redriving the group's open letters; None while its redrive still runs."""
+        try:
+            return await start_redrive(
+                self._client,
+                self._task_queue,
+                RedriveFilter(step=step, error_type=error_type, order_ids=[]),
+                per_second=BULK_PER_SECOND,
+                limit=BULK_LIMIT,
+                redrive_id=group_redrive_id(step, error_type),
+            )
+        except WorkflowAlreadyStartedError:
+            return None
 
-    async def aclose(self) -> None:
-        """Stops the redrives still running: the engine and client they use are closing."""
-        tasks = list(self._running.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    async def running(self, groups: list[Group]) -> set[Group]:
+        """The groups whose redrive has not finished. A page that cannot ask Temporal still
+        shows the letters; it just marks no group as being redriven."""
+        statuses = await asyncio.gather(*(self._status(group) for group in groups))
+        return {
+            group
+            for group, status in zip(groups, statuses, strict=True)
+            if status == WorkflowExecutionStatus.RUNNING
+        }
 
-    def _finished(self, group: Group, task: asyncio.Task[Any]) -> None:
-        if self._running.get(group) is task:
-            del self._running[group]
-        if not task.cancelled() and task.exception() is not None:
-            log.error("bulk retry of %s failed", group, exc_info=task.exception())
+    async def _status(self, group: Group) -> WorkflowExecutionStatus | None:
+        handle = self._client.get_workflow_handle(group_redrive_id(*group))
+        try:
+            return (await handle.describe()).status
+        except RPCError:
+            return None

@@ -1,28 +1,38 @@
-"""The dead letters an operator reviews, retries and discards. The operator's refusals become
-404, 409 and 504 in `api/errors.py`."""
+"""The dead letters an operator reviews, retries and discards, and the bulk redrives of them. The
+operator's and the redrives' refusals become 404, 409 and 504 in `api/errors.py`."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Query
+from fastapi import APIRouter, Depends, Path, Query, Response
 
-from api.deps import OperatorDep, SessionsDep, require_admin_key
+from api.deps import OperatorDep, SessionsDep, SettingsDep, TemporalDep, require_admin_key
 from api.errors import answers
 from api.limits import require_json
 from api.schemas import (
     MAX_DB_INT,
-    BulkRetryAccepted,
-    BulkRetryIn,
     DbId,
     DeadLetterCommandAccepted,
     DeadLetterOut,
     DeadLetterPage,
     DiscardIn,
+    RedriveIn,
+    RedriveOut,
+    RedriveStarted,
     StorableStr,
 )
 from core.dead_letters import DeadLetterFilter, get_dead_letter, list_dead_letters
 from core.models import DeadLetterStatus, Step
+from core.redrives import (
+    REDRIVE_ID,
+    RedriveFilter,
+    cancel_redrive,
+    pause_redrive,
+    redrive_progress,
+    resume_redrive,
+    start_redrive,
+)
 
 router = APIRouter(
     prefix="/dead-letters",
@@ -62,22 +72,65 @@ async def list_letters(
 @router.post(
     "/retry",
     status_code=202,
-    response_model=BulkRetryAccepted,
-    responses=answers(400, 413, 415),
+    response_model=RedriveStarted,
+    responses={
+        202: {
+            "headers": {
+                "Location": {"description": "the redrive's progress", "schema": {"type": "string"}}
+            }
+        },
+        **answers(400, 413, 415),
+    },
     dependencies=[Depends(require_json)],
 )
-async def retry_many(body: BulkRetryIn, operator: OperatorDep) -> BulkRetryAccepted:
-    """Retry every open dead letter that matches, paced at `per_second`."""
-    outcome = await operator.retry_matching(
-        DeadLetterFilter(step=body.step, error_type=body.error_type, order_id=body.order_id),
+async def retry_many(
+    body: RedriveIn, response: Response, settings: SettingsDep, temporal: TemporalDep
+) -> RedriveStarted:
+    """Start a redrive of every open dead letter that matches (the oldest `limit`), paced at
+    `per_second`; it runs as a workflow, its progress is at the Location answered."""
+    where = RedriveFilter(
+        step=body.step,
+        error_type=body.error_type,
+        order_ids=sorted({*body.order_ids, *([body.order_id] if body.order_id else [])}),
+    )
+    redrive_id = await start_redrive(
+        temporal,
+        settings.TEMPORAL_TASK_QUEUE,
+        where,
         per_second=body.per_second,
         limit=body.limit,
     )
-    return BulkRetryAccepted(
-        retried=outcome.retried,
-        rejected=outcome.rejected,
-        elapsed_seconds=round(outcome.elapsed_seconds, 3),
-    )
+    progress_url = f"{router.prefix}/redrives/{redrive_id}"
+    response.headers["Location"] = progress_url
+    return RedriveStarted.of(redrive_id, progress_url, body, where)
+
+
+RedriveIdPath = Annotated[str, Path(pattern=REDRIVE_ID.pattern, max_length=60)]
+REDRIVE_ANSWERS = answers(404, 409, 504)
+
+
+@router.get("/redrives/{redrive_id}", response_model=RedriveOut, responses=answers(404, 504))
+async def get_redrive(redrive_id: RedriveIdPath, temporal: TemporalDep) -> RedriveOut:
+    """A redrive's progress: total, sent, resolved, failed again, skipped."""
+    return RedriveOut.of(await redrive_progress(temporal, redrive_id))
+
+
+@router.post("/redrives/{redrive_id}/pause", response_model=RedriveOut, responses=REDRIVE_ANSWERS)
+async def pause(redrive_id: RedriveIdPath, temporal: TemporalDep) -> RedriveOut:
+    """No more sends until resumed."""
+    return RedriveOut.of(await pause_redrive(temporal, redrive_id))
+
+
+@router.post("/redrives/{redrive_id}/resume", response_model=RedriveOut, responses=REDRIVE_ANSWERS)
+async def resume(redrive_id: RedriveIdPath, temporal: TemporalDep) -> RedriveOut:
+    """Sends again, at the redrive's pace."""
+    return RedriveOut.of(await resume_redrive(temporal, redrive_id))
+
+
+@router.post("/redrives/{redrive_id}/cancel", response_model=RedriveOut, responses=REDRIVE_ANSWERS)
+async def cancel(redrive_id: RedriveIdPath, temporal: TemporalDep) -> RedriveOut:
+    """Stops it for good; the letters not reached stay open."""
+    return RedriveOut.of(await cancel_redrive(temporal, redrive_id))
 
 
 @router.get("/{dead_letter_id}", response_model=DeadLetterOut, responses=answers(404))

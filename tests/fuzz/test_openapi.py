@@ -142,7 +142,11 @@ async def test_nothing_exists_for_a_refused_request(
     assert len(charge_keys) == len(set(charge_keys))
     assert key_rows == len(accepted | declined)
 
-    query = f'TaskQueue = "{fuzz_server.settings.TEMPORAL_TASK_QUEUE}"'
+    # Order workflows only: an accepted bulk retry starts a RedriveWorkflow on the same queue.
+    query = (
+        f'TaskQueue = "{fuzz_server.settings.TEMPORAL_TASK_QUEUE}" '
+        'AND WorkflowType = "OrderWorkflow"'
+    )
 
     async def workflows() -> set[str]:
         return {w.id async for w in env.client.list_workflows(query)}

@@ -33,6 +33,8 @@ async def orderflow(settings: Settings, *args: str, sinks_url: str | None = None
         **os.environ,
         "DATABASE_URL": settings.DATABASE_URL,
         "TEMPORAL_ADDRESS": settings.TEMPORAL_ADDRESS,
+        # A bulk retry starts its redrive on the test's queue, where the test's worker polls.
+        "TEMPORAL_TASK_QUEUE": settings.TEMPORAL_TASK_QUEUE,
         "ORDERFLOW_ENV": "test",
     }
     if sinks_url:
@@ -135,14 +137,36 @@ async def test_dlq_retry_all_redrives_the_matching_letters(
     letters = [await open_letter(api, order_id) for order_id in orders]
     warehouse.faults.reset()
 
-    run = await orderflow(settings, "dlq", "retry", "--all", "--step", STEP, "--per-second", "10")
+    run = await orderflow(
+        settings, "dlq", "retry", "--all", "--step", STEP, "--per-second", "10", "--follow"
+    )
     assert run.code == 0, run.err
     lines = run.out.splitlines()
-    assert lines[0].split() == ["ID", "RESULT", "REASON"]
-    assert sorted(int(line.split()[0]) for line in lines[1:-1]) == sorted(letters)
-    assert lines[-1].startswith("retried 3, refused 0")
+    redrive_id = lines[0].split()[1].rstrip(":")
+    assert lines[0] == f"redrive {redrive_id}: 3 open dead letter(s) at most 10/s"
+    # Not a terminal: one plain line per change of the progress, then the summary.
+    assert all(" sent, " in line for line in lines[1:-1]), run.out
+    assert lines[-2].startswith("3/3 sent, 3 resolved, 0 failed again, 0 skipped")
+    assert lines[-1].startswith("finished: sent 3 of 3, resolved 3, failed again 0, skipped 0")
+    # The letters the redrive took are exactly the three, each resolved by its retry.
+    async with own_stack.sessions() as session:
+        for letter_id in letters:
+            letter = await session.get(DeadLetter, letter_id)
+            assert letter is not None
+            assert (letter.status, letter.resolution) == ("resolved", "succeeded")
     for order_id in orders:
         await wait_for_order_status(api, order_id, "completed")
+    shown = await orderflow(settings, "dlq", "redrive", "show", redrive_id)
+    assert shown.code == 0, shown.err
+    assert shown.out.strip() == (
+        f"redrive {redrive_id}: 3/3 sent, 3 resolved, 0 failed again, 0 skipped (finished)"
+    )
+    over = await orderflow(settings, "dlq", "redrive", "pause", redrive_id)
+    assert over.code == 1 and "over" in over.err
+    unknown = await orderflow(settings, "dlq", "redrive", "show", "redrive-nope")
+    assert unknown.code == 1 and "not a redrive ID" in unknown.err
+    misuse = await orderflow(settings, "dlq", "retry", str(letters[0]), "--follow")
+    assert misuse.code == 2 and "--all" in misuse.err
     nothing = await orderflow(settings, "dlq", "retry", "--all")
     assert (nothing.code, nothing.out.strip()) == (0, "no open dead letter matches")
 
