@@ -50,6 +50,15 @@ def current_step_attempt() -> int:
     return _step_attempt.get()
 
 
+def capped_exponential(initial: float, coefficient: float, exponent: int, cap: float) -> float:
+    """initial * coefficient**exponent, at most cap. An attempt number grows without bound while
+    our own database stays down; the power of a large one overflows a float, long past the cap."""
+    try:
+        return float(min(cap, initial * coefficient**exponent))
+    except OverflowError:
+        return cap
+
+
 class Backoff:
     """Computes the wait before the next attempt; one per worker so the random source is shared."""
 
@@ -62,11 +71,7 @@ class Backoff:
 
     def ceiling(self, attempt: int) -> float:
         """The capped exponential delay after the given (1-based) attempt failed."""
-        exponent = max(attempt - 1, 0)
-        # Bounded before the power so a large attempt number cannot overflow a float.
-        if exponent > 64:
-            return self._cap
-        return float(min(self._cap, self._initial * self._coefficient**exponent))
+        return capped_exponential(self._initial, self._coefficient, max(attempt - 1, 0), self._cap)
 
     def delay(self, attempt: int, retry_after: float | None = None) -> timedelta:
         ceiling = self.ceiling(attempt)

@@ -1,5 +1,5 @@
-"""Helpers the tests share: waiting on a condition with a deadline, building orders, and parking
-orders as dead letters."""
+"""Helpers the tests share: waiting on a condition with a deadline, building orders, parking
+orders as dead letters, and the failures a step's attempts reach the workflow as."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import httpx
 from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client
+from temporalio.exceptions import ActivityError, RetryState, TimeoutError, TimeoutType
 
 from core.dead_letters import CommandRejected, DeadLetterOperator
 from core.models import DeadLetter, DeadLetterStatus, Order
@@ -192,3 +193,27 @@ def independent_sign(secret: str, body: bytes, timestamp: int) -> str:
     """A webhook signature made with plain HMAC, as a warehouse would from the README alone."""
     digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
     return f"t={timestamp},v1={digest.hexdigest()}"
+
+
+def activity_error(
+    cause: BaseException, retry_state: RetryState = RetryState.MAXIMUM_ATTEMPTS_REACHED
+) -> ActivityError:
+    """An activity task's failure as the workflow receives it: an ActivityError around `cause`."""
+    error = ActivityError(
+        "activity failed",
+        scheduled_event_id=5,
+        started_event_id=6,
+        identity="worker",
+        activity_type="notify_warehouse",
+        activity_id="1",
+        retry_state=retry_state,
+    )
+    error.__cause__ = cause
+    return error
+
+
+def activity_timeout(kind: TimeoutType | None, last: BaseException | None = None) -> TimeoutError:
+    """An activity's timeout; a SCHEDULE_TO_CLOSE one carries the last attempt's failure."""
+    timeout = TimeoutError("activity timeout", type=kind, last_heartbeat_details=[])
+    timeout.__cause__ = last
+    return timeout

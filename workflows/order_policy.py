@@ -20,7 +20,7 @@ from temporalio.exceptions import (
 )
 from temporalio.exceptions import TimeoutError as ActivityTimeoutError
 
-from activities.retry import DATABASE_UNAVAILABLE, PERMANENT_ERROR_TYPES
+from activities.retry import DATABASE_UNAVAILABLE, PERMANENT_ERROR_TYPES, capped_exponential
 from core.contracts import StepPolicy
 
 # Reading the policy is a local activity of the first workflow task; it retries until it answers.
@@ -61,8 +61,10 @@ def step_retry_policy(
     # maximum_attempts 0 means unlimited, which stays unlimited.
     left = policy.max_attempts if fresh_budget else policy.max_attempts - attempts_made
     attempts = max(left, 1) if policy.max_attempts else 0
-    initial = min(
-        policy.initial_interval_seconds * policy.backoff_coefficient**attempts_made,
+    initial = capped_exponential(
+        policy.initial_interval_seconds,
+        policy.backoff_coefficient,
+        attempts_made,
         policy.max_interval_seconds,
     )
     return RetryPolicy(

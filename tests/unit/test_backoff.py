@@ -24,6 +24,12 @@ def test_ceiling_grows_by_the_coefficient_and_caps() -> None:
     assert backoff().ceiling(10_000) == 5  # no float overflow for a huge attempt number
 
 
+def test_a_constant_backoff_stays_constant_however_many_attempts() -> None:
+    # Attempt numbers go on growing while our own database is down and its runs are waited out.
+    constant = backoff(RETRY_BACKOFF_COEFFICIENT=1.0, RETRY_INITIAL_INTERVAL_SECONDS=2.0)
+    assert [constant.ceiling(attempt) for attempt in (1, 65, 66, 100, 10_000)] == [2] * 5
+
+
 def test_full_jitter_stays_within_zero_and_the_ceiling_and_is_seeded() -> None:
     jittered = backoff()
     delays = [

@@ -19,11 +19,9 @@ from temporalio import activity
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 from temporalio.exceptions import (
-    ActivityError,
     ApplicationError,
     ApplicationErrorCategory,
     RetryState,
-    TimeoutError,
     TimeoutType,
 )
 from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
@@ -41,7 +39,14 @@ from devsinks.smtp import MailSink
 from devsinks.warehouse import WarehouseReceiver
 from tests.conftest import api_client, free_port, running_worker
 from tests.integration.api.test_outages import database_link, needs_postgres
-from tests.support import order_body, place_order, wait_for_order_status, wait_until
+from tests.support import (
+    activity_error,
+    activity_timeout,
+    order_body,
+    place_order,
+    wait_for_order_status,
+    wait_until,
+)
 from tests.tcp_proxy import TcpProxy
 from workflows.order_policy import database_down
 
@@ -128,26 +133,6 @@ def database_unavailable(attempt: int) -> ApplicationError:
     )
 
 
-def activity_error(cause: BaseException, retry_state: RetryState) -> ActivityError:
-    error = ActivityError(
-        "activity failed",
-        scheduled_event_id=5,
-        started_event_id=6,
-        identity="worker",
-        activity_type=WAREHOUSE,
-        activity_id="1",
-        retry_state=retry_state,
-    )
-    error.__cause__ = cause
-    return error
-
-
-def budget_ran_out(last: BaseException | None, kind: TimeoutType) -> TimeoutError:
-    timeout = TimeoutError("activity timeout", type=kind, last_heartbeat_details=[])
-    timeout.__cause__ = last
-    return timeout
-
-
 @pytest.mark.parametrize(
     ("failure", "down_at"),
     [
@@ -157,7 +142,7 @@ def budget_ran_out(last: BaseException | None, kind: TimeoutType) -> TimeoutErro
         (activity_error(database_unavailable(4), RetryState.TIMEOUT), 4),
         (
             activity_error(
-                budget_ran_out(database_unavailable(3), TimeoutType.SCHEDULE_TO_CLOSE),
+                activity_timeout(TimeoutType.SCHEDULE_TO_CLOSE, database_unavailable(3)),
                 RetryState.TIMEOUT,
             ),
             3,
@@ -165,7 +150,7 @@ def budget_ran_out(last: BaseException | None, kind: TimeoutType) -> TimeoutErro
         # The last attempt itself hung: whatever came before, that is no database failure.
         (
             activity_error(
-                budget_ran_out(database_unavailable(3), TimeoutType.START_TO_CLOSE),
+                activity_timeout(TimeoutType.START_TO_CLOSE, database_unavailable(3)),
                 RetryState.MAXIMUM_ATTEMPTS_REACHED,
             ),
             None,
