@@ -57,5 +57,11 @@ def describe_failure(failure: BaseException) -> tuple[str, str]:
     if isinstance(cause, ApplicationError):
         return cause.type or "ApplicationError", cause.message
     if isinstance(cause, ActivityTimeoutError):
-        return f"Timeout.{cause.type.name if cause.type else 'UNKNOWN'}", str(cause)
+        kind = f"Timeout.{cause.type.name if cause.type else 'UNKNOWN'}"
+        # A spent time budget carries the last attempt's failure: the operator needs that, not
+        # only that time ran out. The type stays the timeout's, which is what letters group by.
+        last = cause.__cause__
+        if isinstance(last, ApplicationError):
+            return kind, f"{cause}; last attempt: {last.type or 'ApplicationError'}: {last.message}"
+        return kind, str(cause)
     return type(cause).__name__, str(cause)

@@ -177,7 +177,10 @@ def test_a_cancelled_order_says_so_first() -> None:
                 ),
                 RetryState.TIMEOUT,
             ),
-            ("Timeout.SCHEDULE_TO_CLOSE", "activity timeout"),
+            (
+                "Timeout.SCHEDULE_TO_CLOSE",
+                "activity timeout; last attempt: WarehouseUnavailable: 503 busy",
+            ),
         ),
         (
             activity_error(activity_timeout(TimeoutType.START_TO_CLOSE)),
