@@ -37,7 +37,8 @@ from core.models import (
 )
 from core.names import DISCARD_STEP_UPDATE, RETRY_STEP_UPDATE
 from core.order_status import refresh_order_status, set_step_status
-from core.outages import TEMPORAL, DependencyUnavailable, is_temporal_outage
+from core.outages import is_temporal_outage
+from core.temporal import ensure_server_reachable, temporal_unavailable
 
 # The states in which a letter still waits for its step to be settled.
 ACTIVE_DEAD_LETTER = (DeadLetterStatus.OPEN, DeadLetterStatus.RETRYING)
@@ -238,16 +239,9 @@ class CommandUnconfirmed(Exception):
 # An update is answered by a worker; with none polling, the caller is told instead of waiting.
 # Read when an operator is made, so a test can shorten it.
 COMMAND_TIMEOUT_SECONDS = 15.0
+
+
 # After a command went unanswered: how long to ask whether the server itself is there.
-HEALTH_PROBE_SECONDS = 2.0
-
-
-def _temporal_down(error: BaseException) -> DependencyUnavailable:
-    return DependencyUnavailable(
-        TEMPORAL, f"Temporal cannot be reached ({type(error).__name__}); retry later"
-    )
-
-
 class DeadLetterOperator:
     def __init__(self, sessions: async_sessionmaker[AsyncSession], client: Client) -> None:
         self._sessions = sessions
@@ -302,7 +296,7 @@ class DeadLetterOperator:
             described = await self._client.get_workflow_handle(letter.workflow_id).describe()
         except Exception as failure:
             if is_temporal_outage(failure):
-                raise _temporal_down(failure) from failure
+                raise temporal_unavailable(failure) from failure
             if not isinstance(failure, RPCError):
                 raise
             raise CommandRejected(
@@ -327,7 +321,7 @@ class DeadLetterOperator:
                 )
             return result
         except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError) as silence:
-            await self._server_reachable(silence)
+            await ensure_server_reachable(self._client, silence)
             command = "Retry" if isinstance(argument, RetryStepInput) else "Discard"
             raise CommandUnconfirmed(command, letter.id, timeout) from silence
         except WorkflowUpdateFailedError as failure:
@@ -336,7 +330,7 @@ class DeadLetterOperator:
             raise CommandRejected(f"workflow refused {update}: {reason}") from failure
         except Exception as failure:
             if is_temporal_outage(failure):
-                raise _temporal_down(failure) from failure
+                raise temporal_unavailable(failure) from failure
             if not isinstance(failure, RPCError):
                 raise
             if not await self._workflow_running(letter):
@@ -347,12 +341,3 @@ class DeadLetterOperator:
             raise CommandRejected(
                 f"workflow {letter.workflow_id} cannot take {update}: {failure.message}"
             ) from failure
-
-    async def _server_reachable(self, silence: BaseException) -> None:
-        """Tells "no worker took it" (the server is there: 504 is the answer) from "the server
-        is not there" (503, try again later)."""
-        try:
-            async with asyncio.timeout(HEALTH_PROBE_SECONDS):
-                await self._client.service_client.check_health()
-        except Exception as failure:
-            raise _temporal_down(failure) from silence

@@ -25,7 +25,8 @@ from temporalio.client import (
 )
 from temporalio.service import RPCError, RPCStatusCode
 
-from core.outages import TEMPORAL, DependencyUnavailable, is_temporal_outage
+from core.outages import is_temporal_outage
+from core.temporal import ensure_server_reachable, temporal_unavailable
 
 REDRIVE_WORKFLOW = "RedriveWorkflow"
 REDRIVE_ID_PREFIX = "redrive-"
@@ -49,7 +50,6 @@ PAGE_SIZE = 100
 CONTINUE_AFTER_EVENTS = 4000
 # A query or update is answered by a worker; with none polling, the caller is told instead.
 ANSWER_TIMEOUT = timedelta(seconds=10)
-HEALTH_PROBE_SECONDS = 2.0
 # How the server says a query found no worker to answer it (a worker killed a moment ago still
 # holds the workflow's sticky queue until the server gives up on it).
 UNANSWERED = frozenset({RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.CANCELLED})
@@ -222,10 +222,9 @@ async def start_redrive(
             static_summary=_summary(where, per_second),
         )
     except Exception as failure:
-        unavailable = _unavailable(failure)
-        if unavailable is None:
+        if not is_temporal_outage(failure):
             raise
-        raise unavailable from failure
+        raise temporal_unavailable(failure) from failure
     return redrive_id
 
 
@@ -244,7 +243,7 @@ async def redrive_progress(client: Client, redrive_id: str) -> RedriveProgress:
     except (TimeoutError, WorkflowQueryFailedError, RPCError) as silence:
         if isinstance(silence, RPCError) and silence.status not in UNANSWERED:
             raise _translated(silence, redrive_id) from silence
-        await _server_reachable(client, silence)
+        await ensure_server_reachable(client, silence)
         raise RedriveUnconfirmed(
             f"no worker answered for redrive {redrive_id} within "
             f"{ANSWER_TIMEOUT.total_seconds():g} s: is a worker running?"
@@ -274,7 +273,7 @@ async def _command(client: Client, redrive_id: str, update: str) -> RedriveProgr
             )
         return progress
     except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError) as silence:
-        await _server_reachable(client, silence)
+        await ensure_server_reachable(client, silence)
         raise RedriveUnconfirmed(
             f"{update} of redrive {redrive_id} was not confirmed within "
             f"{ANSWER_TIMEOUT.total_seconds():g} s: is a worker running? It may still be "
@@ -295,33 +294,13 @@ def _handle(client: Client, redrive_id: str) -> WorkflowHandle[object, RedrivePr
 
 
 def _translated(failure: RPCError, redrive_id: str) -> Exception:
-    unavailable = _unavailable(failure)
-    if unavailable is not None:
-        return unavailable
+    if is_temporal_outage(failure):
+        return temporal_unavailable(failure)
     if failure.status == RPCStatusCode.NOT_FOUND:
         if "completed" in failure.message or "closed" in failure.message:
             return RedriveRefused(f"redrive {redrive_id} is over: {failure.message}")
         return RedriveNotFound(f"redrive {redrive_id} not found")
     return RedriveRefused(f"redrive {redrive_id}: {failure.message}")
-
-
-def _unavailable(failure: BaseException) -> DependencyUnavailable | None:
-    if is_temporal_outage(failure):
-        return DependencyUnavailable(
-            TEMPORAL, f"Temporal cannot be reached ({type(failure).__name__}); retry later"
-        )
-    return None
-
-
-async def _server_reachable(client: Client, silence: BaseException) -> None:
-    """Tells "no worker answered" (504) from "the server is not there" (503)."""
-    try:
-        async with asyncio.timeout(HEALTH_PROBE_SECONDS):
-            await client.service_client.check_health()
-    except Exception as failure:
-        raise DependencyUnavailable(
-            TEMPORAL, f"Temporal cannot be reached ({type(failure).__name__}); retry later"
-        ) from silence
 
 
 def _summary(where: RedriveFilter, per_second: float) -> str:

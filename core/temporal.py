@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Sequence
 from datetime import timedelta
@@ -22,6 +23,7 @@ from temporalio.runtime import Runtime
 from core.contracts import ORDER_STATUS_ATTRIBUTE, OrderWorkflowInput, OrderWorkflowStatus
 from core.models import OrderStatus
 from core.names import ORDER_WORKFLOW
+from core.outages import TEMPORAL, DependencyUnavailable
 from core.settings import Settings
 
 
@@ -96,3 +98,24 @@ async def start_order_workflow(
             raise
         # The workflow ran and closed already: it was started, which is all the caller needs.
         return client.get_workflow_handle(order_id, result_type=OrderWorkflowStatus)
+
+
+# How long the "is the server there?" probe after an unanswered command may take.
+HEALTH_PROBE_SECONDS = 2.0
+
+
+def temporal_unavailable(failure: BaseException) -> DependencyUnavailable:
+    """What an operator's tool answers when Temporal cannot be reached: 503, retry later."""
+    return DependencyUnavailable(
+        TEMPORAL, f"Temporal cannot be reached ({type(failure).__name__}); retry later"
+    )
+
+
+async def ensure_server_reachable(client: Client, silence: BaseException) -> None:
+    """After a command nobody answered in time, tells "no worker took it" (the server is there:
+    the caller answers 504) from "the server is not there" (raises: 503, try again later)."""
+    try:
+        async with asyncio.timeout(HEALTH_PROBE_SECONDS):
+            await client.service_client.check_health()
+    except Exception as failure:
+        raise temporal_unavailable(failure) from silence
