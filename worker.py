@@ -24,6 +24,7 @@ from activities.checkpoint import Checkpoint
 from activities.dead_letters import DeadLetterActivities
 from activities.metrics import StepMetricsInterceptor, worker_runtime
 from activities.orders import OrderActivities
+from activities.outages import DatabaseOutageInterceptor, bookkeeping_outage_log
 from activities.policy import PolicyActivities
 from activities.receipt import Mailer, ReceiptActivities
 from activities.redrive import RedriveActivities
@@ -33,6 +34,7 @@ from activities.smtp import SmtpMailer
 from activities.warehouse import WarehouseActivities
 from core.db import create_engine, create_sessionmaker
 from core.logging import configure_logging
+from core.outages import OutageLog, watch_database
 from core.relay import run_relay
 from core.retention import ensure_retention_schedule
 from core.settings import Settings, get_settings
@@ -95,7 +97,10 @@ def create_worker(
     activities: Sequence[Callable[..., Any]],
     *,
     task_queue: str | None = None,
+    database_outage: OutageLog | None = None,
 ) -> Worker:
+    """`database_outage` is where the bookkeeping activities' database outages are said once per
+    burst; `run` ends its bursts when the engine answers again."""
     return Worker(
         client,
         task_queue=task_queue or settings.TEMPORAL_TASK_QUEUE,
@@ -106,7 +111,11 @@ def create_worker(
         max_cached_workflows=settings.WORKER_MAX_CACHED_WORKFLOWS,
         max_task_queue_activities_per_second=settings.WORKER_MAX_TASK_QUEUE_ACTIVITIES_PER_SECOND,
         graceful_shutdown_timeout=timedelta(seconds=settings.WORKER_GRACEFUL_SHUTDOWN_SECONDS),
-        interceptors=[StepMetricsInterceptor()],
+        # The first is the outermost: the step metrics count an attempt as the outage made it.
+        interceptors=[
+            StepMetricsInterceptor(),
+            DatabaseOutageInterceptor(database_outage or bookkeeping_outage_log()),
+        ],
         workflow_runner=sandbox_runner(),
     )
 
@@ -129,8 +138,13 @@ async def run(settings: Settings) -> None:
         client = await connect_temporal(
             settings, interceptors=tracing.interceptors(), runtime=runtime
         )
+        database_outage = bookkeeping_outage_log()
+        watch_database(engine, database_outage)
         worker = create_worker(
-            client, settings, create_activities(settings, sessions, http, mailer, temporal=client)
+            client,
+            settings,
+            create_activities(settings, sessions, http, mailer, temporal=client),
+            database_outage=database_outage,
         )
 
         try:

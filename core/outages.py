@@ -39,6 +39,9 @@ DATABASE_ERRORS: tuple[type[BaseException], ...] = (
 TEMPORAL_OUTAGE_STATUSES = frozenset({RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED})
 # A lazy client that never reached its server raises this from the SDK's bridge.
 TEMPORAL_CONNECT_FAILURE = "Failed client connect"
+# A call that outlived its own rpc_timeout: the bridge answers CANCELLED with this message. The
+# server did not say no; it did not answer in time, which is what an overloaded one does.
+TEMPORAL_CALL_TIMED_OUT = "Timeout expired"
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +85,12 @@ def is_database_outage(error: BaseException) -> bool:
 def is_temporal_outage(error: BaseException) -> bool:
     for cause in _chain(error):
         if isinstance(cause, RPCError) and cause.status in TEMPORAL_OUTAGE_STATUSES:
+            return True
+        if (
+            isinstance(cause, RPCError)
+            and cause.status == RPCStatusCode.CANCELLED
+            and cause.message == TEMPORAL_CALL_TIMED_OUT
+        ):
             return True
         if isinstance(cause, RuntimeError) and str(cause).startswith(TEMPORAL_CONNECT_FAILURE):
             return True

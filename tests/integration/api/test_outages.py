@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from fastapi import FastAPI
 from sqlalchemy import make_url, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
+from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
@@ -37,9 +39,11 @@ from core.models import (
     Step,
     WorkflowOutbox,
 )
+from core.outages import is_temporal_outage
 from core.payments import ChargeResult, SandboxGateway
 from core.relay import run_relay
 from core.settings import Settings
+from core.temporal import start_order_workflow
 from devsinks.smtp import MailSink
 from tests.conftest import free_port
 from tests.support import count_rows, new_key, order_body, order_row, wait_until
@@ -382,6 +386,21 @@ async def open_dead_letter(sessions: Sessions) -> DeadLetter:
 def nowhere() -> str:
     """An address where no Temporal server listens."""
     return f"127.0.0.1:{free_port()}"
+
+
+async def test_a_start_that_outlives_its_rpc_timeout_is_an_outage_not_a_refusal(
+    env: WorkflowEnvironment, settings: Settings
+) -> None:
+    """An overloaded server answers late, not no: the start stays in the outbox and counts in
+    the caller's outage burst instead of a "refused" warning per order."""
+    with pytest.raises(RPCError) as raised:
+        await start_order_workflow(
+            env.client,
+            f"ord_{uuid.uuid4().hex}",
+            settings.TEMPORAL_TASK_QUEUE,
+            rpc_timeout=timedelta(microseconds=1),
+        )
+    assert is_temporal_outage(raised.value), (raised.value.status, raised.value.message)
 
 
 async def test_readyz_is_503_with_retry_after_when_temporal_is_unreachable(
