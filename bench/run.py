@@ -835,10 +835,19 @@ def parse_db_time(value: str | datetime | None) -> float | None:
     return moment.timestamp()
 
 
+def report_dir(on_postgresql: bool) -> Path:
+    return ROOT / "docs" / "postgresql" if on_postgresql else ROOT / "docs"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--quick", action="store_true", help="smoke run with small sizes")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="where the report goes; default docs/, or docs/postgresql/ with --database, so a "
+        "run on one database never overwrites the other's report",
+    )
     parser.add_argument(
         "--e2e-mode",
         choices=report.START_MODES,
@@ -871,8 +880,10 @@ def main() -> None:
 
     if args.report_only:
         results = json.loads(args.report_only.read_text())
-        report.write(results, args.out, label=args.label)
+        on_postgresql = results["database"]["backend"] == "postgresql"
+        report.write(results, args.out or report_dir(on_postgresql), label=args.label)
         return
+    args.out = args.out or report_dir(bool(args.database))
 
     sizes = Sizes.quick() if args.quick else Sizes.full()
     began = time.monotonic()
@@ -908,8 +919,9 @@ def main() -> None:
         bench.results.wall_seconds = time.monotonic() - began
         results = asdict(bench.results)
         results["quick"] = args.quick
-    # A run of some phases keeps its figures apart from the full run's, which --report-only reads.
-    backend = ["postgresql"] if args.database and args.only else []
+    # A run of some phases keeps its figures apart from the full run's, and a run on PostgreSQL
+    # from one on SQLite; --report-only reads any of them.
+    backend = ["postgresql"] if args.database else []
     stem = "-".join(["bench", *(["quick"] if args.quick else []), *(args.only or []), *backend])
     raw = ROOT / ".data" / f"{stem}.json"
     raw.parent.mkdir(parents=True, exist_ok=True)
