@@ -68,5 +68,6 @@ class _DatabaseOutageInbound(ActivityInboundInterceptor):
                 category=ApplicationErrorCategory.BENIGN,
                 # Not chained: the driver's traceback would push the failure past the
                 # server's size limit, and the pending activity would show only "Failure
-                # exceeds size limit." The message names the error; the log has the rest.
+                # exceeds size limit." The message names the error; an outage is no bug whose
+                # traceback anyone needs.
             ) from None
