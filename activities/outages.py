@@ -13,10 +13,10 @@ import logging
 from typing import Any
 
 from temporalio import activity
-from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
+from temporalio.exceptions import ApplicationError
 from temporalio.worker import ActivityInboundInterceptor, ExecuteActivityInput, Interceptor
 
-from activities.retry import DATABASE_UNAVAILABLE
+from activities.retry import database_unavailable
 from core.outages import DATABASE, OutageLog, is_database_outage
 
 BOOKKEEPING_OUTAGE_MEANWHILE = "the workflows' bookkeeping waits for it and is retried"
@@ -60,14 +60,4 @@ class _DatabaseOutageInbound(ActivityInboundInterceptor):
                 f"database unavailable during {activity.info().activity_type}: "
                 f"{type(error).__name__}: {error}"
             )
-            raise ApplicationError(
-                message[:2000],
-                type=DATABASE_UNAVAILABLE,
-                # Logged by the SDK at DEBUG, without a traceback per attempt: the burst's
-                # warning says it once.
-                category=ApplicationErrorCategory.BENIGN,
-                # Not chained: the driver's traceback would push the failure past the
-                # server's size limit, and the pending activity would show only "Failure
-                # exceeds size limit." The message names the error; an outage is no bug whose
-                # traceback anyone needs.
-            ) from None
+            raise database_unavailable(message) from None

@@ -120,20 +120,28 @@ class LedgerOutages:
             message = f"database unavailable while {doing}: {type(error).__name__}: {error}"
             if outcome:
                 message += f" (the downstream had answered: {outcome})"
-            raise ApplicationError(
-                message[:2000],
-                attempt,
-                type=DATABASE_UNAVAILABLE,
-                next_retry_delay=self._backoff.delay(attempt),
-                # Logged by the SDK at DEBUG, without a traceback per attempt: the burst's
-                # warning above says it once.
-                category=ApplicationErrorCategory.BENIGN,
-                # Not chained: the driver's traceback would push the failure past the
-                # server's size limit, and the pending activity would show only "Failure
-                # exceeds size limit." The message names the error; an outage is no bug whose
-                # traceback anyone needs.
+            raise database_unavailable(
+                message, attempt, next_retry_delay=self._backoff.delay(attempt)
             ) from None
         self.outage.succeeded()
+
+
+def database_unavailable(
+    message: str, *details: object, next_retry_delay: timedelta | None = None
+) -> ApplicationError:
+    """Our own database could not be reached: retryable, and benign, so the SDK logs it at DEBUG
+    without a traceback per attempt (the caller's outage log says it once per burst).
+
+    Raise it `from None`: chained to the driver's error, its traceback pushes the failure past
+    the server's size limit, and the pending activity shows only "Failure exceeds size limit."
+    The message names the error; an outage is no bug whose traceback anyone needs."""
+    return ApplicationError(
+        message[:2000],
+        *details,
+        type=DATABASE_UNAVAILABLE,
+        next_retry_delay=next_retry_delay,
+        category=ApplicationErrorCategory.BENIGN,
+    )
 
 
 def permanent(message: str, *, error_type: str) -> ApplicationError:
