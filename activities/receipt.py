@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from email.message import EmailMessage
 from email.utils import formatdate
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiosmtplib
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio import activity
 
-from activities.checkpoint import BEFORE_EFFECT, Checkpoint, no_checkpoint
-from activities.metrics import side_effect_timer
-from activities.retry import Backoff, LedgerOutages, permanent, step_attempt
-from activities.step_ledger import StepLedger
+from activities.checkpoint import Checkpoint, no_checkpoint
+from activities.retry import Backoff, LedgerOutages, permanent
+from activities.step_attempt import ATTEMPT_HEADER, StepAttempts, StepRefused
 from core.contracts import StepInput, StepResult
 from core.ledger import effect_key
 from core.models import Order
 from core.money import format_money
 from core.settings import Settings
-from core.states import Step, StepOutcome, StepStatus
+from core.states import Step
 
 STEP = Step.SEND_RECEIPT.value
 
@@ -51,6 +51,49 @@ def build_receipt(order: Order, sender: str) -> EmailMessage:
     return message
 
 
+class Receipt:
+    """The receipt as a step's effect: SMTP 4xx and connection errors are retried, 5xx is a
+    refusal for good."""
+
+    step = STEP
+
+    def __init__(self, mailer: Mailer, backoff: Backoff, sender: str) -> None:
+        self._mailer = mailer
+        self._backoff = backoff
+        self._sender = sender
+
+    def prepare(self, order: Order, token: str) -> EmailMessage:
+        message = build_receipt(order, self._sender)
+        message[ATTEMPT_HEADER] = token
+        return message
+
+    async def perform(self, message: EmailMessage, attempt: int) -> dict[str, Any]:
+        try:
+            await self._mailer.send(message)
+        except aiosmtplib.SMTPRecipientsRefused as refused:
+            codes = [error.code for error in refused.recipients]
+            error = f"recipient refused: {'; '.join(str(e) for e in refused.recipients)}"
+            if all(500 <= code < 600 for code in codes):
+                raise StepRefused(permanent(error, error_type="MailboxRejected")) from refused
+            raise StepRefused(
+                self._backoff.retryable(error, error_type="MailboxBusy", attempt=attempt)
+            ) from refused
+        except aiosmtplib.SMTPResponseException as response:
+            error = f"SMTP {response.code}: {response.message}"
+            if 500 <= response.code < 600:
+                raise StepRefused(permanent(error, error_type="MailboxRejected")) from response
+            raise StepRefused(
+                self._backoff.retryable(error, error_type="SmtpUnavailable", attempt=attempt)
+            ) from response
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as failure:
+            error = f"SMTP unreachable: {type(failure).__name__}: {failure}"
+            raise StepRefused(
+                self._backoff.retryable(error, error_type="SmtpUnavailable", attempt=attempt)
+            ) from failure
+        # A repeat after a crash carries the same Message-ID, for the receiver to drop.
+        return {"message_id": message["Message-ID"]}
+
+
 class ReceiptActivities:
     def __init__(
         self,
@@ -62,55 +105,15 @@ class ReceiptActivities:
         outages: LedgerOutages | None = None,
         checkpoint: Checkpoint | None = None,
     ) -> None:
-        self._mailer = mailer
-        self._backoff = backoff
-        self._sender = settings.RECEIPT_FROM
-        self._checkpoint = checkpoint or no_checkpoint
-        self._ledger = StepLedger(
-            sessions, STEP, outages or LedgerOutages(backoff), self._checkpoint
+        self._attempts = StepAttempts(
+            sessions,
+            Receipt(mailer, backoff, settings.RECEIPT_FROM),
+            backoff,
+            outages or LedgerOutages(backoff),
+            checkpoint or no_checkpoint,
+            attempt_timeout=timedelta(seconds=settings.STEP_ATTEMPT_TIMEOUT_SECONDS),
         )
 
     @activity.defn(name="send_receipt")
     async def send_receipt(self, input: StepInput) -> StepResult:
-        attempt = step_attempt(input)
-        order, step = await self._ledger.begin(input, attempt)
-        if step.status == StepStatus.SUCCEEDED:
-            return StepResult(input.order_id, STEP, StepOutcome.ALREADY_DONE)
-        message = build_receipt(order, self._sender)
-
-        await self._checkpoint(BEFORE_EFFECT)
-        try:
-            with side_effect_timer(STEP):
-                await self._mailer.send(message)
-        except aiosmtplib.SMTPRecipientsRefused as refused:
-            codes = [error.code for error in refused.recipients]
-            error = f"recipient refused: {'; '.join(str(e) for e in refused.recipients)}"
-            if all(500 <= code < 600 for code in codes):
-                failed = permanent(error, error_type="MailboxRejected")
-            else:
-                failed = self._backoff.retryable(error, error_type="MailboxBusy", attempt=attempt)
-            cause: Exception = refused
-        except aiosmtplib.SMTPResponseException as response:
-            error = f"SMTP {response.code}: {response.message}"
-            if 500 <= response.code < 600:
-                failed = permanent(error, error_type="MailboxRejected")
-            else:
-                failed = self._backoff.retryable(
-                    error, error_type="SmtpUnavailable", attempt=attempt
-                )
-            cause = response
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as failure:
-            error = f"SMTP unreachable: {type(failure).__name__}: {failure}"
-            failed = self._backoff.retryable(error, error_type="SmtpUnavailable", attempt=attempt)
-            cause = failure
-        else:
-            # A repeat after a crash carries the same Message-ID, for the receiver to drop.
-            return await self._ledger.succeeded(
-                input,
-                attempt,
-                {"message_id": message["Message-ID"]},
-                recording="recording the receipt sent",
-            )
-
-        await self._ledger.failed(input, attempt, error)
-        raise failed from cause
+        return await self._attempts.run(input)

@@ -1,21 +1,76 @@
-"""The per-step ledger every side effect shares: read whether it already happened, record an
-attempt that failed, and record success only after the downstream accepted the effect."""
+"""The per-step ledger every side effect shares. An attempt first **claims** its step: one
+conditional write that only one attempt at a time can win, and only while the step is not done;
+it performs the effect only when it holds the claim, records what the downstream said after it,
+and gives the claim back when it ends before the effect. A claim is a lease: the attempt's
+start-to-close timeout plus a margin, after which a claim whose holder died is taken over, so at-
+least-once holds after a crash. Every claim is logged in `step_attempts`."""
 
 from __future__ import annotations
 
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, case, insert, null, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.contracts import StepInput
-from core.db import read_session
 from core.dead_letters import mark_retrying, resolve_redriven
-from core.models import Order, OrderStep, StepStatus, utcnow
+from core.models import Order, OrderStep, StepAttempt, StepStatus, utcnow
 from core.order_status import refresh_order_status
+from core.states import AttemptEnd
 
 # For bulk UPDATEs whose rows no object in the session holds: skips matching them in Python.
 NO_SYNC = {"synchronize_session": False}
+# A claim outlives the attempt's start-to-close timeout by this much: the time a run that the SDK
+# cancelled at its timeout may still take to record what it did, and clocks a little apart.
+CLAIM_LEASE_MARGIN = timedelta(seconds=5)
+
+_TIME = OrderStep.updated_at.type
+
+
+@dataclass(frozen=True)
+class Claim:
+    token: str
+    # Which attempt holds it (attempt_key).
+    attempt: str
+    until: datetime
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """This attempt holds the step: it may perform the effect."""
+
+    order: Order
+    claim: Claim
+
+
+@dataclass(frozen=True)
+class AlreadyDone:
+    """An earlier attempt performed the effect and recorded it."""
+
+
+@dataclass(frozen=True)
+class AlreadyRecorded:
+    """A first run of this very attempt (a local attempt whose workflow task timed out) already
+    failed; its failure is the answer, and the downstream is not asked again."""
+
+    error: str
+    error_type: str
+    permanent: bool
+
+
+@dataclass(frozen=True)
+class HeldElsewhere:
+    """Another run holds a live claim: it may be performing the effect right now."""
+
+    attempt: str | None
+    token: str | None
+    until: datetime
+
+
+ClaimVerdict = Claimed | AlreadyDone | AlreadyRecorded | HeldElsewhere
 
 
 # The statements every step attempt runs, built once: building a statement costs more CPU than
@@ -26,16 +81,83 @@ STEP_ROW = (
     .join(OrderStep, OrderStep.order_id == Order.id)
     .where(Order.id == bindparam("b_order_id"), OrderStep.step == bindparam("b_step"))
 )
+THIS_STEP = (
+    OrderStep.order_id == bindparam("b_order_id"),
+    OrderStep.step == bindparam("b_step"),
+)
+# Won only while the step is not done, no other attempt holds a live claim, and this attempt's
+# outcome is not on record yet.
+CLAIM_STEP = (
+    update(OrderStep)
+    .where(
+        *THIS_STEP,
+        OrderStep.status != StepStatus.SUCCEEDED,
+        or_(
+            OrderStep.claim_token.is_(None),
+            OrderStep.claimed_until <= bindparam("b_now", type_=_TIME),
+        ),
+        or_(
+            OrderStep.recorded_attempt.is_(None),
+            OrderStep.recorded_attempt != bindparam("b_attempt_key"),
+        ),
+    )
+    .values(
+        claim_token=bindparam("b_token"),
+        claim_attempt=bindparam("b_attempt_key"),
+        claimed_until=bindparam("b_until", type_=_TIME),
+        updated_at=bindparam("b_now", type_=_TIME),
+    )
+)
+LOG_CLAIM = insert(StepAttempt)
+FINISH_CLAIM = (
+    update(StepAttempt)
+    .where(StepAttempt.token == bindparam("b_token"), StepAttempt.finished_at.is_(None))
+    .values(finished_at=bindparam("b_now", type_=_TIME), outcome=bindparam("b_end"))
+)
+
+
+def _unless_taken_over(column: Any) -> Any:
+    """The claim column cleared if this attempt still holds the claim; kept if another attempt
+    took it over after this one's lease ran out."""
+    return case((OrderStep.claim_token == bindparam("b_token"), null()), else_=column)
+
+
+RELEASED_CLAIM = {
+    "claim_token": _unless_taken_over(OrderStep.claim_token),
+    "claim_attempt": _unless_taken_over(OrderStep.claim_attempt),
+    "claimed_until": _unless_taken_over(OrderStep.claimed_until),
+}
+RELEASE_CLAIM = update(OrderStep).where(*THIS_STEP).values(**RELEASED_CLAIM)
+ATTEMPT_FAILED = (
+    update(OrderStep)
+    .where(*THIS_STEP)
+    .values(
+        attempts=OrderStep.attempts + 1,
+        occurrence_attempts=bindparam("b_attempt"),
+        last_error=bindparam("b_error"),
+        last_error_type=bindparam("b_error_type"),
+        last_error_permanent=bindparam("b_permanent"),
+        recorded_attempt=bindparam("b_attempt_key"),
+        updated_at=bindparam("b_now", type_=_TIME),
+        **RELEASED_CLAIM,
+    )
+)
+# Success ends every claim: a run that took over after this one's lease ran out finds the step
+# done when it records, and no later attempt can claim it.
 STEP_SUCCEEDED = (
     update(OrderStep)
-    .where(OrderStep.order_id == bindparam("b_order_id"), OrderStep.step == bindparam("b_step"))
+    .where(*THIS_STEP)
     .values(
         status=StepStatus.SUCCEEDED,
         attempts=OrderStep.attempts + 1,
         occurrence_attempts=bindparam("b_attempt"),
         outcome=bindparam("b_outcome", type_=OrderStep.outcome.type),
-        succeeded_at=bindparam("b_now", type_=OrderStep.succeeded_at.type),
-        updated_at=bindparam("b_now", type_=OrderStep.updated_at.type),
+        succeeded_at=bindparam("b_now", type_=_TIME),
+        updated_at=bindparam("b_now", type_=_TIME),
+        recorded_attempt=bindparam("b_attempt_key"),
+        claim_token=None,
+        claim_attempt=None,
+        claimed_until=None,
     )
 )
 # A step has an open or retrying dead letter only while its row says dead_lettered (the letter
@@ -48,6 +170,13 @@ def effect_key(order_id: str, step: str) -> str:
     return f"{order_id}:{step}"
 
 
+def attempt_key(input: StepInput, attempt: int) -> str:
+    """Which attempt of the step this is: its number within its occurrence, and the occurrence
+    (the dead letter a redrive retries, 0 for the first), so a redrive's attempt 1 is not the
+    first run's."""
+    return f"{input.redrive_of or 0}.{attempt}"
+
+
 async def load_step(session: AsyncSession, order_id: str, step: str) -> tuple[Order, OrderStep]:
     row = (await session.execute(STEP_ROW, {"b_order_id": order_id, "b_step": step})).first()
     if row is None:
@@ -55,54 +184,145 @@ async def load_step(session: AsyncSession, order_id: str, step: str) -> tuple[Or
     return row[0], row[1]
 
 
-async def begin_attempt(
-    sessions: async_sessionmaker[AsyncSession], input: StepInput, step: str, attempt: int
-) -> tuple[Order, OrderStep]:
+async def claim_step(
+    sessions: async_sessionmaker[AsyncSession],
+    input: StepInput,
+    step: str,
+    attempt: int,
+    *,
+    lease: timedelta,
+    worker: str,
+) -> ClaimVerdict:
     """What every step attempt does first: a redrive's first attempt marks its dead letter
-    `retrying`; then the order and the step's ledger row are read, read-only, so on SQLite the
-    read neither waits for writers nor holds them up."""
-    if input.redrive_of is not None and attempt == 1:
-        async with sessions.begin() as session:
+    `retrying`; then the attempt claims the step for `lease`, or learns why it cannot."""
+    now = utcnow()
+    claim = Claim(uuid.uuid4().hex, attempt_key(input, attempt), now + lease)
+    async with sessions.begin() as session:
+        if input.redrive_of is not None and attempt == 1:
             await mark_retrying(session, input.redrive_of)
-    async with read_session(sessions) as session:
-        return await load_step(session, input.order_id, step)
+        won = await session.execute(
+            CLAIM_STEP,
+            {
+                "b_order_id": input.order_id,
+                "b_step": step,
+                "b_now": now,
+                "b_token": claim.token,
+                "b_attempt_key": claim.attempt,
+                "b_until": claim.until,
+            },
+            execution_options=NO_SYNC,
+        )
+        order, row = await load_step(session, input.order_id, step)
+        if _rowcount(won) == 1:
+            await session.execute(
+                LOG_CLAIM,
+                {
+                    "token": claim.token,
+                    "order_id": input.order_id,
+                    "step": step,
+                    "attempt": claim.attempt,
+                    "worker": worker,
+                    "claimed_at": now,
+                    "claimed_until": claim.until,
+                },
+            )
+            return Claimed(order, claim)
+    if row.status == StepStatus.SUCCEEDED:
+        return AlreadyDone()
+    if row.recorded_attempt == claim.attempt:
+        return AlreadyRecorded(
+            row.last_error or "", row.last_error_type or "StepFailed", row.last_error_permanent
+        )
+    # The holder may have finished between the claim and the read: then retry at once.
+    return HeldElsewhere(row.claim_attempt, row.claim_token, row.claimed_until or now)
+
+
+async def release_claim(
+    sessions: async_sessionmaker[AsyncSession],
+    order_id: str,
+    step: str,
+    claim: Claim,
+    end: AttemptEnd,
+) -> None:
+    """Gives the claim back: the attempt ended before it reached the downstream."""
+    now = utcnow()
+    async with sessions.begin() as session:
+        await session.execute(
+            RELEASE_CLAIM,
+            {"b_order_id": order_id, "b_step": step, "b_token": claim.token},
+            execution_options=NO_SYNC,
+        )
+        await _finish(session, claim, end, now)
 
 
 async def record_failed_attempt(
-    sessions: async_sessionmaker[AsyncSession], order_id: str, step: str, attempt: int, error: str
+    sessions: async_sessionmaker[AsyncSession],
+    order_id: str,
+    step: str,
+    attempt: int,
+    claim: Claim,
+    *,
+    error: str,
+    error_type: str,
+    permanent: bool,
 ) -> None:
+    """The downstream refused or could not be reached: the attempt is counted, its failure kept
+    for a second run of it to answer with, and its claim given back."""
+    now = utcnow()
     async with sessions.begin() as session:
         await session.execute(
-            update(OrderStep)
-            .where(OrderStep.order_id == order_id, OrderStep.step == step)
-            .values(
-                attempts=OrderStep.attempts + 1,
-                occurrence_attempts=attempt,
-                last_error=error[:2000],
-                updated_at=utcnow(),
-            )
+            ATTEMPT_FAILED,
+            {
+                "b_order_id": order_id,
+                "b_step": step,
+                "b_attempt": attempt,
+                "b_attempt_key": claim.attempt,
+                "b_error": error[:2000],
+                "b_error_type": error_type[:200],
+                "b_permanent": permanent,
+                "b_token": claim.token,
+                "b_now": now,
+            },
+            execution_options=NO_SYNC,
         )
+        await _finish(session, claim, AttemptEnd.REFUSED if permanent else AttemptEnd.FAILED, now)
 
 
 async def record_success(
-    session: AsyncSession, order_id: str, step: str, attempt: int, outcome: dict[str, Any]
+    session: AsyncSession,
+    order_id: str,
+    step: str,
+    attempt: int,
+    outcome: dict[str, Any],
+    claim: Claim | None = None,
 ) -> None:
+    """Records the effect the downstream accepted, whether or not `claim` is still live: a run
+    that performed the effect always says so."""
     now = utcnow()
     params = {
         "b_order_id": order_id,
         "b_step": step,
         "b_attempt": attempt,
+        "b_attempt_key": claim.attempt if claim is not None else None,
         "b_outcome": outcome,
         "b_now": now,
     }
     # A first-time success has no dead letter to resolve, which spares a statement.
     first_time = await session.execute(FIRST_SUCCESS, params, execution_options=NO_SYNC)
-    if _rowcount(first_time) == 1:
-        await refresh_order_status(session, order_id)
-        return
-    await session.execute(STEP_SUCCEEDED, params, execution_options=NO_SYNC)
-    await resolve_redriven(session, order_id, step, now)
+    if _rowcount(first_time) != 1:
+        await session.execute(STEP_SUCCEEDED, params, execution_options=NO_SYNC)
+        await resolve_redriven(session, order_id, step, now)
+    if claim is not None:
+        await _finish(session, claim, AttemptEnd.SUCCEEDED, now)
     await refresh_order_status(session, order_id)
+
+
+async def _finish(session: AsyncSession, claim: Claim, end: AttemptEnd, now: datetime) -> None:
+    await session.execute(
+        FINISH_CLAIM,
+        {"b_token": claim.token, "b_now": now, "b_end": end},
+        execution_options=NO_SYNC,
+    )
 
 
 def _rowcount(result: Any) -> int:

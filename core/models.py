@@ -18,6 +18,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -176,6 +177,40 @@ class OrderStep(Base):
     outcome: Mapped[dict[str, Any] | None]
     succeeded_at: Mapped[datetime | None]
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    # The claim of the attempt that may perform the effect now (core/ledger.py): its token, the
+    # attempt holding it and until when. NULL while no attempt holds the step.
+    claim_token: Mapped[str | None] = mapped_column(String(32))
+    claim_attempt: Mapped[str | None] = mapped_column(String(40))
+    claimed_until: Mapped[datetime | None]
+    # The attempt whose outcome the row recorded last, and how it failed, so that a second run of
+    # that attempt answers as the first did without calling the downstream again.
+    recorded_attempt: Mapped[str | None] = mapped_column(String(40))
+    last_error_type: Mapped[str | None] = mapped_column(String(200))
+    last_error_permanent: Mapped[bool] = mapped_column(
+        Boolean, default=False, server_default=false()
+    )
+
+
+class StepAttempt(Base):
+    """One claim of a step by one attempt: which worker took it, when, until when, and how it
+    ended (NULL while it runs, or forever when its holder died or lost its database). An attempt
+    that performed its effect and never finished is the one window left (docs/workflow.md)."""
+
+    __tablename__ = "step_attempts"
+
+    token: Mapped[str] = mapped_column(String(32), primary_key=True)
+    order_id: Mapped[str] = mapped_column(String(40), ForeignKey("orders.id", ondelete="CASCADE"))
+    step: Mapped[str] = mapped_column(String(40))
+    attempt: Mapped[str] = mapped_column(String(40))
+    # The SDK's worker identity, pid@host.
+    worker: Mapped[str] = mapped_column(String(255))
+    claimed_at: Mapped[datetime]
+    claimed_until: Mapped[datetime]
+    finished_at: Mapped[datetime | None]
+    # AttemptEnd: succeeded, failed, refused, released, skipped.
+    outcome: Mapped[str | None] = mapped_column(String(16))
+
+    __table_args__ = (Index("ix_step_attempts_order_id", "order_id"),)
 
 
 class DeadLetter(Base):

@@ -61,6 +61,22 @@ class StepOutcome(enum.StrEnum):
     SKIPPED = "skipped"
 
 
+class AttemptEnd(enum.StrEnum):
+    """How one claim of a step ended (`step_attempts.outcome`); NULL while it runs, and for good
+    when its holder died or lost its database before it could say."""
+
+    # The downstream took the effect, and the ledger recorded it.
+    SUCCEEDED = "succeeded"
+    # The downstream failed or could not be reached; a later attempt tries again.
+    FAILED = "failed"
+    # The downstream refused for good.
+    REFUSED = "refused"
+    # The attempt ended before it reached the downstream (an error, or it was cancelled).
+    RELEASED = "released"
+    # The order was cancelled before the effect.
+    SKIPPED = "skipped"
+
+
 class CancelOutcome(enum.StrEnum):
     """What recording a cancel found."""
 

@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import pytest
 from pydantic import SecretStr
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio import activity
 from temporalio.api.enums.v1 import EventType
@@ -36,15 +37,18 @@ from activities.checkpoint import (
     Checkpoint,
 )
 from activities.smtp import SmtpMailer
+from activities.step_attempt import STEP_CLAIMED
 from core.contracts import STEPS
 from core.db import create_engine, create_sessionmaker
-from core.models import OrderStep, StepStatus
+from core.models import OrderStep, StepAttempt, StepStatus
 from core.settings import Settings
+from core.states import AttemptEnd
 from core.temporal import connect_temporal
 from devsinks.smtp import MailSink
 from devsinks.warehouse import WarehouseReceiver
 from tests.conftest import ROOT, api_client, running_worker
-from tests.support import order_body, place_order, wait_for_order_status
+from tests.support import order_body, place_order, wait_for_order_status, wait_until
+from tests.tcp_proxy import tcp_proxy
 from worker import create_activities
 from workflows.order import OrderWorkflow
 
@@ -337,6 +341,101 @@ async def test_worker_killed_at_a_crash_point_leaves_one_effect(
     else:
         # The killed attempt timed out; a later attempt on the surviving worker completed it.
         assert attempt >= 2
+
+
+def hold_once(step: str) -> tuple[Checkpoint, asyncio.Event, asyncio.Event]:
+    """A checkpoint that holds the step's first run just before its effect, claim taken, until
+    the test releases it; `holding` says it got there."""
+    holding, release = asyncio.Event(), asyncio.Event()
+
+    async def checkpoint(at: str) -> None:
+        if at == BEFORE_EFFECT and activity.info().activity_type == step and not holding.is_set():
+            holding.set()
+            await release.wait()
+
+    return checkpoint, holding, release
+
+
+async def refused_for_a_live_claim(client: Client, order_id: str) -> bool:
+    """Whether a run of the order's step has failed with StepClaimed: as a pending activity's
+    last failure, or as a local attempt's failure marker in the history."""
+    handle = client.get_workflow_handle(order_id)
+    described = (await handle.describe()).raw_description
+    for pending in described.pending_activities:
+        if pending.last_failure.application_failure_info.type == STEP_CLAIMED:
+            return True
+    async for event in handle.fetch_history_events():
+        if event.HasField("marker_recorded_event_attributes"):
+            failure = event.marker_recorded_event_attributes.failure
+            if failure.application_failure_info.type == STEP_CLAIMED:
+                return True
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", STEPS)
+async def test_a_second_run_while_the_first_holds_the_claim_waits_for_its_outcome(
+    step: str,
+    first_attempt: str,
+    settings: Settings,
+    env: WorkflowEnvironment,
+    sessions: async_sessionmaker[AsyncSession],
+    api: httpx.AsyncClient,
+    mail: MailSink,
+    warehouse: WarehouseReceiver,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Worker A claims the step and is about to perform it when its link to Temporal is cut:
+    Temporal gives the work to worker B (the workflow task times out and B runs the same local
+    first attempt again; or the activity attempt times out and B runs the next). B finds A's
+    live claim and does not perform the effect: it waits for the claim's outcome. A, still
+    alive, performs the effect and records it; B's next attempt finds the step done."""
+    # The claim must outlive the workflow task timeout (10 s) for B to meet it live.
+    settings = settings.model_copy(
+        update={"STEP_ATTEMPT_TIMEOUT_SECONDS": 15.0, "STEP_FIRST_ATTEMPT": first_attempt}
+    )
+    checkpoint, holding, release = hold_once(step)
+    server = env.client.service_client.config.target_host
+    host, _, port = server.rpartition(":")
+    body = order_body()
+    async with tcp_proxy(host, int(port)) as link:
+        cut_off = await Client.connect(link.address, namespace=env.client.namespace)
+        async with running_worker(cut_off, settings, sessions, checkpoint=checkpoint):
+            order_id = await place_order(api, body)
+            await wait_until(holding.is_set, within=30, message="A holds the claim")
+            await link.cut()
+            async with running_worker(env.client, settings, sessions):
+                await wait_until(
+                    lambda: refused_for_a_live_claim(env.client, order_id),
+                    within=60,
+                    interval=0.2,
+                    message="B refused by A's live claim",
+                )
+                release.set()
+                await wait_for_workflow(env.client, order_id)
+            await link.restore()
+
+    seen = await observe(env.client, order_id, body["customer_email"], mail, warehouse)
+    with capsys.disabled():
+        print(f"\n[crash point] {first_attempt} held {step}: {seen.line()}")
+    assert seen.raw_emails == 1
+    assert seen.deliveries == 1
+    assert seen.accepted == 1
+    # The run that met the live claim performed nothing; a later one found the step done.
+    [(_attempt, outcome)] = seen.outcomes[step]
+    assert outcome == "already_done"
+    if first_attempt == "local":
+        assert await workflow_task_timeouts(env.client, order_id) >= 1
+    # One claim only, A's, and it recorded the effect.
+    async with sessions() as session:
+        claims = (
+            await session.scalars(
+                select(StepAttempt).where(
+                    StepAttempt.order_id == order_id, StepAttempt.step == step
+                )
+            )
+        ).all()
+    assert [claim.outcome for claim in claims] == [AttemptEnd.SUCCEEDED]
 
 
 async def workflow_task_timeouts(client: Client, order_id: str) -> int:

@@ -112,7 +112,7 @@ async def test_an_unreachable_ledger_is_a_retryable_database_unavailable_logged_
         assert error.category == ApplicationErrorCategory.BENIGN
         # The step attempt (offset 3 + the activity's first), for the workflow to count on from.
         assert list(error.details) == [4]
-        assert "reading the ledger" in error.message
+        assert "claiming the step" in error.message
     assert outages.outage.failures == 2
     assert len(warnings(caplog)) == 1
 
