@@ -27,6 +27,7 @@ from core.contracts import STEPS, StepInput
 from core.metrics import LATENCY_BUCKETS, SIDE_EFFECT_DURATION, STEP_ATTEMPTS
 from core.names import RECORD_DEAD_LETTER_ACTIVITY
 from core.states import AttemptOutcome
+from core.tracing import mark_failed
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,8 @@ def attempt_outcome(error: BaseException | None) -> AttemptOutcome:
 
 
 class StepMetricsInterceptor(Interceptor):
-    """Counts each attempt of a step activity by outcome, and each dead letter recorded."""
+    """Counts each attempt of a step activity by outcome (and each dead letter recorded), says it
+    in one log line, and marks a failed attempt's span."""
 
     def intercept_activity(self, next: ActivityInboundInterceptor) -> ActivityInboundInterceptor:
         return _StepMetricsInbound(next)
@@ -117,7 +119,10 @@ class _StepMetricsInbound(ActivityInboundInterceptor):
             except Exception as failure:
                 outcome = attempt_outcome(failure)
                 record_step_attempt(activity_type, outcome)
-                # activity.logger adds the order's workflow ID, the step and the attempt.
+                mark_failed(failure)
+                # One line per failed attempt, with no traceback (the step's errors are benign,
+                # which the SDK logs at DEBUG): activity.logger adds the order's workflow ID and
+                # the step.
                 activity.logger.info(
                     "step attempt %s: %s",
                     outcome,
@@ -126,6 +131,7 @@ class _StepMetricsInbound(ActivityInboundInterceptor):
                         "outcome": outcome,
                         "error_type": _error_type(failure),
                         "attempt": attempt,
+                        "next_delay_s": _next_delay(failure),
                     },
                 )
                 raise
@@ -138,6 +144,13 @@ class _StepMetricsInbound(ActivityInboundInterceptor):
         if activity_type == RECORD_DEAD_LETTER_ACTIVITY and input.args:
             record_step_attempt(str(getattr(input.args[0], "step", "unknown")), "dead_lettered")
         return result
+
+
+def _next_delay(failure: BaseException) -> float | None:
+    """The wait the failure asked for before the next attempt, in seconds (None: the policy's)."""
+    if isinstance(failure, ApplicationError) and failure.next_retry_delay is not None:
+        return round(failure.next_retry_delay.total_seconds(), 3)
+    return None
 
 
 def _error_type(failure: BaseException) -> str:

@@ -91,10 +91,13 @@ class Backoff:
         attempt: int,
         retry_after: float | None = None,
     ) -> ApplicationError:
+        """A downstream's failure that can pass: retried after the jittered delay. Benign: the
+        SDK logs it at DEBUG, and the step metrics' line says it once per attempt."""
         return ApplicationError(
             message,
             type=error_type,
             next_retry_delay=self.delay(attempt, retry_after),
+            category=ApplicationErrorCategory.BENIGN,
         )
 
 
@@ -145,7 +148,11 @@ def database_unavailable(
 
 
 def permanent(message: str, *, error_type: str) -> ApplicationError:
-    return ApplicationError(message, type=error_type, non_retryable=True)
+    """A downstream's refusal for good: dead-lettered at once. Benign, like a retryable one: a
+    refusal is the normal life of a step, said in one line per attempt, not a traceback."""
+    return ApplicationError(
+        message, type=error_type, non_retryable=True, category=ApplicationErrorCategory.BENIGN
+    )
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:

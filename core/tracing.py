@@ -58,6 +58,15 @@ def annotate_order(order_id: str) -> None:
     trace.get_current_span().set_attribute(ORDER_ID_ATTRIBUTE, order_id)
 
 
+def mark_failed(failure: BaseException) -> None:
+    """Marks the current span (an activity attempt's) as failed. temporalio's interceptor leaves
+    a benign error's span OK, since it is no bug; in a trace, an attempt that the downstream
+    refused still failed. A no-op when tracing is off."""
+    trace.get_current_span().set_status(
+        trace.Status(trace.StatusCode.ERROR, f"{type(failure).__name__}: {failure}")
+    )
+
+
 def sandbox_runner() -> WorkflowRunner:
     """The workflow sandbox with opentelemetry passed through: the tracing interceptor's workflow
     half must share the process's opentelemetry modules (its context keys and propagators)

@@ -219,6 +219,7 @@ async def test_worker_serves_sdk_metrics_and_step_outcomes(
     api: httpx.AsyncClient,
     settings: Settings,
     warehouse: WarehouseReceiver,
+    env: WorkflowEnvironment,
 ) -> None:
     _worker, url = metered_worker
     queue = {"task_queue": settings.TEMPORAL_TASK_QUEUE}
@@ -256,6 +257,30 @@ async def test_worker_serves_sdk_metrics_and_step_outcomes(
     side_effects = f"{SIDE_EFFECT_DURATION}_count"
     assert value(samples, side_effects, **queue, step="send_receipt") == 2
     assert value(samples, side_effects, **queue, step="notify_warehouse") == 4
+    # A downstream's refusals are the normal life of a step (benign): the SDK does not count
+    # them as failed executions, so its failure counters are left to what nobody expected.
+    sdk_failed = ("temporal_activity_execution_failed", "temporal_local_activity_execution_failed")
+
+    def failures(samples: Samples, counter: str, **labels: str) -> float:
+        names = {name for name, _labels in samples if name.startswith(counter)}
+        return sum(value(samples, name, **labels) for name in names)
+
+    for counter in sdk_failed:
+        assert failures(samples, counter, activity_type="notify_warehouse") == 0, counter
+
+    # An order whose row is missing is such a thing: its workflow's steps fail unexpectedly,
+    # and the SDK counts it.
+    ghost = f"ord_{uuid.uuid4().hex}"
+    handle = await start_order_workflow(env.client, ghost, settings.TEMPORAL_TASK_QUEUE)
+
+    async def counted_as_failed() -> Samples | None:
+        async with httpx.AsyncClient() as http:
+            samples = parse((await http.get(url)).text)
+        failed = all(failures(samples, counter) >= 1 for counter in sdk_failed)
+        return samples if failed or settings.STEP_FIRST_ATTEMPT != "local" else None
+
+    samples = await wait_until(counted_as_failed, within=30, message="an unexpected failure")
+    await handle.terminate("a test's order without a row")
     names = {name for name, _labels in samples}
     expected = set(TEMPORAL_SDK_METRICS)
     if settings.STEP_FIRST_ATTEMPT != "local":
