@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -9,12 +11,14 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.util import await_only
 
 from core.settings import Settings
 
@@ -27,6 +31,11 @@ READ_ONLY = "orderflow_read_only"
 # DATABASE_POOL_SIZE is PostgreSQL's.
 SQLITE_POOL_SIZE = 1
 SQLITE_POOL_TIMEOUT_SECONDS = 30.0
+# How long a writer waits for the database's write lock, trying again every
+# SQLITE_LOCK_RETRY_SECONDS; each try lets SQLite's busy handler wait SQLITE_BUSY_STEP_MS.
+SQLITE_LOCK_WAIT_SECONDS = 30.0
+SQLITE_LOCK_RETRY_SECONDS = 0.001
+SQLITE_BUSY_STEP_MS = 2
 
 
 def is_sqlite(url: str) -> bool:
@@ -74,14 +83,28 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_STEP_MS}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
     @event.listens_for(sync_engine, "begin")
     def _on_begin(connection: Any) -> None:
-        read_only = connection.get_execution_options().get(READ_ONLY, False)
-        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+        if connection.get_execution_options().get(READ_ONLY, False):
+            connection.exec_driver_sql("BEGIN")
+            return
+        # SQLite's own busy handler sleeps ever longer between tries (up to 100 ms each), so a
+        # writer that has waited a while keeps losing the lock to fresh ones: under a rush the
+        # API waited seconds behind the worker. Trying again every millisecond, without
+        # blocking the event loop, hands the lock over as soon as it is free.
+        deadline = time.monotonic() + SQLITE_LOCK_WAIT_SECONDS
+        while True:
+            try:
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
+                return
+            except OperationalError as failure:
+                if "locked" not in str(failure) or time.monotonic() > deadline:
+                    raise
+            await_only(asyncio.sleep(SQLITE_LOCK_RETRY_SECONDS))
 
     @event.listens_for(sync_engine, "reset")
     def _on_reset(dbapi_connection: Any, record: Any, _state: Any) -> None:
