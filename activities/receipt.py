@@ -13,9 +13,9 @@ from temporalio import activity
 
 from activities.checkpoint import Checkpoint, no_checkpoint
 from activities.retry import Backoff, LedgerOutages, permanent
-from activities.step_attempt import ATTEMPT_HEADER, StepAttempts, StepRefused
+from activities.step_attempt import StepAttempts, StepRefused
 from core.contracts import StepInput, StepResult
-from core.ledger import effect_key
+from core.ledger import ATTEMPT_HEADER, effect_key
 from core.models import Order
 from core.money import format_money
 from core.settings import Settings

@@ -7,8 +7,9 @@ The order of the moves is the guarantee, so it lives here once:
 - the claim comes before anything leaves the process; a run that finds another run's live claim
   waits for its outcome instead of repeating the effect (`StepClaimed`, retried once the claim's
   lease has run out), and a second run of an attempt whose failure is on record answers with it;
-- a run that ends without an outcome to record (an error, a cancel) gives its claim back; only
-  a process that dies leaves its claim to expire with the lease;
+- a run that ends without an outcome to record (an error, a cancel) gives its claim back (kept
+  among the interrupted claims); only a process that dies leaves its claim to expire with the
+  lease, and the attempt that takes it over keeps it there;
 - success is recorded only after the downstream accepted the effect, and always once it did,
   even when the attempt is cancelled meanwhile (the record is shielded);
 - a failure is recorded, with the claim given back, before it is raised."""
@@ -44,13 +45,10 @@ from core.ledger import (
     attempt_key,
 )
 from core.models import Order, utcnow
-from core.states import AttemptEnd, StepOutcome
+from core.states import StepOutcome
 
 # A run that found another run of the step holding it: retried once that claim has run out.
 STEP_CLAIMED = "StepClaimed"
-# The header each effect carries with its claim's token, so a receiver's log (and the system
-# suite) can tell which attempt delivered it.
-ATTEMPT_HEADER = "X-Orderflow-Attempt"
 
 Prepared = TypeVar("Prepared")
 _HOST = socket.gethostname()
@@ -116,7 +114,7 @@ class StepAttempts(Generic[Prepared]):
             prepared = self._effect.prepare(verdict.order, claim.token)
             if prepared is None:
                 recorded = True
-                await asyncio.shield(self._ledger.release(input, claim, AttemptEnd.SKIPPED))
+                await asyncio.shield(self._ledger.release(input, claim))
                 return StepResult(input.order_id, self._step, StepOutcome.SKIPPED)
             await self._checkpoint(BEFORE_EFFECT)
             try:
@@ -155,7 +153,7 @@ class StepAttempts(Generic[Prepared]):
             # longer runs: its claim is given back rather than left to expire. Only a process
             # that dies (or loses its database) leaves a claim to its lease.
             if not recorded:
-                await asyncio.shield(self._ledger.release(input, claim, AttemptEnd.RELEASED))
+                await asyncio.shield(self._ledger.release(input, claim))
             raise
 
     def _lease(self) -> timedelta:

@@ -21,7 +21,6 @@ from core.ledger import (
     release_claim,
 )
 from core.outages import is_database_outage
-from core.states import AttemptEnd
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +80,12 @@ class StepLedger:
                 permanent=permanent,
             )
 
-    async def release(self, input: StepInput, claim: Claim, end: AttemptEnd) -> None:
+    async def release(self, input: StepInput, claim: Claim) -> None:
         """Gives the claim back, as far as the database lets it: one that cannot be given back
         expires with its lease, which only delays the next attempt. Never raises: it runs while
         another error is on its way out."""
         try:
-            await release_claim(self._sessions, input.order_id, self._step, claim, end)
+            await release_claim(self._sessions, input.order_id, self._step, claim)
         except Exception as failure:
             # The outage itself is said once per burst by whoever met it first.
             level = logging.DEBUG if is_database_outage(failure) else logging.WARNING

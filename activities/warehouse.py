@@ -14,9 +14,9 @@ from temporalio.exceptions import ApplicationError
 
 from activities.checkpoint import Checkpoint, no_checkpoint
 from activities.retry import Backoff, LedgerOutages, parse_retry_after, permanent
-from activities.step_attempt import ATTEMPT_HEADER, StepAttempts, StepRefused
+from activities.step_attempt import StepAttempts, StepRefused
 from core.contracts import StepInput, StepResult
-from core.ledger import effect_key
+from core.ledger import ATTEMPT_HEADER, effect_key
 from core.models import Order
 from core.settings import Settings
 from core.signing import SIGNATURE_HEADER, sign

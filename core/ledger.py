@@ -1,9 +1,11 @@
-"""The per-step ledger every side effect shares. An attempt first **claims** its step: one
-conditional write that only one attempt at a time can win, and only while the step is not done;
-it performs the effect only when it holds the claim, records what the downstream said after it,
-and gives the claim back when it ends before the effect. A claim is a lease: the attempt's
-start-to-close timeout plus a margin, after which a claim whose holder died is taken over, so at-
-least-once holds after a crash. Every claim is logged in `step_attempts`."""
+"""The per-step ledger every side effect shares. An attempt **claims** its step before the
+effect: it reads the step (no lock), and if the step is not done, its outcome not on record and
+no other attempt's claim live, it takes the claim with one compare-and-set write; it performs
+the effect only while holding the claim, and records what the downstream said after it. A claim
+is a lease (the attempt's start-to-close timeout plus a margin): a claim whose holder died is
+taken over once its lease has run out, so at-least-once holds after a crash. The claim stays on
+the step's row; a claim that ended without recording an outcome (taken over, or given back by a
+run cut short) is kept in `interrupted_claims`, the evidence of the one window that remains."""
 
 from __future__ import annotations
 
@@ -12,20 +14,23 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, case, insert, null, or_, select, update
+from sqlalchemy import String, bindparam, case, insert, null, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.contracts import StepInput
+from core.db import read_session
 from core.dead_letters import mark_retrying, resolve_redriven
-from core.models import Order, OrderStep, StepAttempt, StepStatus, utcnow
+from core.models import InterruptedClaim, Order, OrderStep, StepStatus, utcnow
 from core.order_status import refresh_order_status
-from core.states import AttemptEnd
+from core.states import ClaimEnd
 
 # For bulk UPDATEs whose rows no object in the session holds: skips matching them in Python.
 NO_SYNC = {"synchronize_session": False}
 # A claim outlives the attempt's start-to-close timeout by this much: the time a run that the SDK
 # cancelled at its timeout may still take to record what it did, and clocks a little apart.
 CLAIM_LEASE_MARGIN = timedelta(seconds=5)
+# A claim lost to a concurrent write is read and tried again this many times.
+CLAIM_ROUNDS = 3
 
 _TIME = OrderStep.updated_at.type
 
@@ -33,8 +38,10 @@ _TIME = OrderStep.updated_at.type
 @dataclass(frozen=True)
 class Claim:
     token: str
-    # Which attempt holds it (attempt_key).
+    # Which attempt holds it (attempt_key), on which worker (pid@host).
     attempt: str
+    worker: str
+    at: datetime
     until: datetime
 
 
@@ -85,17 +92,14 @@ THIS_STEP = (
     OrderStep.order_id == bindparam("b_order_id"),
     OrderStep.step == bindparam("b_step"),
 )
-# Won only while the step is not done, no other attempt holds a live claim, and this attempt's
-# outcome is not on record yet.
+# The compare-and-set: won only if the step is as the attempt read it (not done, the same claim
+# or none) and this attempt's outcome is not on record.
 CLAIM_STEP = (
     update(OrderStep)
     .where(
         *THIS_STEP,
         OrderStep.status != StepStatus.SUCCEEDED,
-        or_(
-            OrderStep.claim_token.is_(None),
-            OrderStep.claimed_until <= bindparam("b_now", type_=_TIME),
-        ),
+        OrderStep.claim_token.is_not_distinct_from(bindparam("b_seen_token", type_=String)),
         or_(
             OrderStep.recorded_attempt.is_(None),
             OrderStep.recorded_attempt != bindparam("b_attempt_key"),
@@ -104,16 +108,13 @@ CLAIM_STEP = (
     .values(
         claim_token=bindparam("b_token"),
         claim_attempt=bindparam("b_attempt_key"),
+        claimed_by=bindparam("b_worker"),
+        claimed_at=bindparam("b_now", type_=_TIME),
         claimed_until=bindparam("b_until", type_=_TIME),
         updated_at=bindparam("b_now", type_=_TIME),
     )
 )
-LOG_CLAIM = insert(StepAttempt)
-FINISH_CLAIM = (
-    update(StepAttempt)
-    .where(StepAttempt.token == bindparam("b_token"), StepAttempt.finished_at.is_(None))
-    .values(finished_at=bindparam("b_now", type_=_TIME), outcome=bindparam("b_end"))
-)
+KEEP_INTERRUPTED = insert(InterruptedClaim)
 
 
 def _unless_taken_over(column: Any) -> Any:
@@ -122,12 +123,11 @@ def _unless_taken_over(column: Any) -> Any:
     return case((OrderStep.claim_token == bindparam("b_token"), null()), else_=column)
 
 
-RELEASED_CLAIM = {
-    "claim_token": _unless_taken_over(OrderStep.claim_token),
-    "claim_attempt": _unless_taken_over(OrderStep.claim_attempt),
-    "claimed_until": _unless_taken_over(OrderStep.claimed_until),
-}
-RELEASE_CLAIM = update(OrderStep).where(*THIS_STEP).values(**RELEASED_CLAIM)
+RELEASE_CLAIM = (
+    update(OrderStep)
+    .where(*THIS_STEP, OrderStep.claim_token == bindparam("b_token"))
+    .values(claim_token=None, claimed_until=None)
+)
 ATTEMPT_FAILED = (
     update(OrderStep)
     .where(*THIS_STEP)
@@ -139,11 +139,12 @@ ATTEMPT_FAILED = (
         last_error_permanent=bindparam("b_permanent"),
         recorded_attempt=bindparam("b_attempt_key"),
         updated_at=bindparam("b_now", type_=_TIME),
-        **RELEASED_CLAIM,
+        claim_token=_unless_taken_over(OrderStep.claim_token),
+        claimed_until=_unless_taken_over(OrderStep.claimed_until),
     )
 )
-# Success ends every claim: a run that took over after this one's lease ran out finds the step
-# done when it records, and no later attempt can claim it.
+# The claim stays on the row: it names the attempt that recorded the effect (or the one that
+# took over from it, whose own record follows).
 STEP_SUCCEEDED = (
     update(OrderStep)
     .where(*THIS_STEP)
@@ -155,14 +156,16 @@ STEP_SUCCEEDED = (
         succeeded_at=bindparam("b_now", type_=_TIME),
         updated_at=bindparam("b_now", type_=_TIME),
         recorded_attempt=bindparam("b_attempt_key"),
-        claim_token=None,
-        claim_attempt=None,
-        claimed_until=None,
     )
 )
 # A step has an open or retrying dead letter only while its row says dead_lettered (the letter
 # and that status are written in one transaction): any other row has none to resolve.
 FIRST_SUCCESS = STEP_SUCCEEDED.where(OrderStep.status != StepStatus.DEAD_LETTERED)
+
+
+# The header each effect carries with its claim's token, so a receiver's log (and the system
+# suite) can tell which attempt delivered it.
+ATTEMPT_HEADER = "X-Orderflow-Attempt"
 
 
 def effect_key(order_id: str, step: str) -> str:
@@ -193,48 +196,47 @@ async def claim_step(
     lease: timedelta,
     worker: str,
 ) -> ClaimVerdict:
-    """What every step attempt does first: a redrive's first attempt marks its dead letter
-    `retrying`; then the attempt claims the step for `lease`, or learns why it cannot."""
-    now = utcnow()
-    claim = Claim(uuid.uuid4().hex, attempt_key(input, attempt), now + lease)
-    async with sessions.begin() as session:
-        if input.redrive_of is not None and attempt == 1:
-            await mark_retrying(session, input.redrive_of)
-        won = await session.execute(
-            CLAIM_STEP,
-            {
-                "b_order_id": input.order_id,
-                "b_step": step,
-                "b_now": now,
-                "b_token": claim.token,
-                "b_attempt_key": claim.attempt,
-                "b_until": claim.until,
-            },
-            execution_options=NO_SYNC,
-        )
-        order, row = await load_step(session, input.order_id, step)
-        if _rowcount(won) == 1:
-            await session.execute(
-                LOG_CLAIM,
-                {
-                    "token": claim.token,
-                    "order_id": input.order_id,
-                    "step": step,
-                    "attempt": claim.attempt,
-                    "worker": worker,
-                    "claimed_at": now,
-                    "claimed_until": claim.until,
-                },
+    """What every step attempt does first: reads the order and the step (read-only, so on
+    SQLite it neither waits for writers nor holds them up), then claims the step for `lease`,
+    or says why it cannot. A redrive's first attempt also marks its dead letter `retrying`."""
+    key = attempt_key(input, attempt)
+    for _ in range(CLAIM_ROUNDS):
+        async with read_session(sessions) as session:
+            order, row = await load_step(session, input.order_id, step)
+        now = utcnow()
+        if row.status == StepStatus.SUCCEEDED:
+            return AlreadyDone()
+        if row.recorded_attempt == key:
+            return AlreadyRecorded(
+                row.last_error or "", row.last_error_type or "StepFailed", row.last_error_permanent
             )
-            return Claimed(order, claim)
-    if row.status == StepStatus.SUCCEEDED:
-        return AlreadyDone()
-    if row.recorded_attempt == claim.attempt:
-        return AlreadyRecorded(
-            row.last_error or "", row.last_error_type or "StepFailed", row.last_error_permanent
-        )
-    # The holder may have finished between the claim and the read: then retry at once.
-    return HeldElsewhere(row.claim_attempt, row.claim_token, row.claimed_until or now)
+        if row.claim_token is not None and row.claimed_until and row.claimed_until > now:
+            return HeldElsewhere(row.claim_attempt, row.claim_token, row.claimed_until)
+        claim = Claim(uuid.uuid4().hex, key, worker, now, now + lease)
+        async with sessions.begin() as session:
+            if input.redrive_of is not None and attempt == 1:
+                await mark_retrying(session, input.redrive_of)
+            won = await session.execute(
+                CLAIM_STEP,
+                {
+                    "b_order_id": input.order_id,
+                    "b_step": step,
+                    "b_seen_token": row.claim_token,
+                    "b_token": claim.token,
+                    "b_attempt_key": key,
+                    "b_worker": claim.worker,
+                    "b_now": now,
+                    "b_until": claim.until,
+                },
+                execution_options=NO_SYNC,
+            )
+            if _rowcount(won) == 1:
+                if row.claim_token is not None:
+                    # Its lease ran out without an outcome: it may have sent the effect.
+                    await _keep_interrupted(session, row, ClaimEnd.TAKEN_OVER, now)
+                return Claimed(order, claim)
+        # Another attempt wrote the step between the read and the claim: read it again.
+    return HeldElsewhere(None, None, utcnow())
 
 
 async def release_claim(
@@ -242,17 +244,50 @@ async def release_claim(
     order_id: str,
     step: str,
     claim: Claim,
-    end: AttemptEnd,
 ) -> None:
-    """Gives the claim back: the attempt ended before it reached the downstream."""
+    """Gives the claim back: the attempt's run ended without an outcome to record. Kept among
+    the interrupted claims, unless another attempt took it over already (and kept it)."""
     now = utcnow()
     async with sessions.begin() as session:
-        await session.execute(
+        released = await session.execute(
             RELEASE_CLAIM,
             {"b_order_id": order_id, "b_step": step, "b_token": claim.token},
             execution_options=NO_SYNC,
         )
-        await _finish(session, claim, end, now)
+        if _rowcount(released) == 1:
+            await session.execute(
+                KEEP_INTERRUPTED,
+                {
+                    "token": claim.token,
+                    "order_id": order_id,
+                    "step": step,
+                    "attempt": claim.attempt,
+                    "worker": claim.worker,
+                    "claimed_at": claim.at,
+                    "claimed_until": claim.until,
+                    "ended": ClaimEnd.RELEASED,
+                    "ended_at": now,
+                },
+            )
+
+
+async def _keep_interrupted(
+    session: AsyncSession, row: OrderStep, ended: ClaimEnd, now: datetime
+) -> None:
+    await session.execute(
+        KEEP_INTERRUPTED,
+        {
+            "token": row.claim_token,
+            "order_id": row.order_id,
+            "step": row.step,
+            "attempt": row.claim_attempt or "",
+            "worker": row.claimed_by or "",
+            "claimed_at": row.claimed_at or now,
+            "claimed_until": row.claimed_until or now,
+            "ended": ended,
+            "ended_at": now,
+        },
+    )
 
 
 async def record_failed_attempt(
@@ -268,7 +303,6 @@ async def record_failed_attempt(
 ) -> None:
     """The downstream refused or could not be reached: the attempt is counted, its failure kept
     for a second run of it to answer with, and its claim given back."""
-    now = utcnow()
     async with sessions.begin() as session:
         await session.execute(
             ATTEMPT_FAILED,
@@ -281,11 +315,10 @@ async def record_failed_attempt(
                 "b_error_type": error_type[:200],
                 "b_permanent": permanent,
                 "b_token": claim.token,
-                "b_now": now,
+                "b_now": utcnow(),
             },
             execution_options=NO_SYNC,
         )
-        await _finish(session, claim, AttemptEnd.REFUSED if permanent else AttemptEnd.FAILED, now)
 
 
 async def record_success(
@@ -312,17 +345,7 @@ async def record_success(
     if _rowcount(first_time) != 1:
         await session.execute(STEP_SUCCEEDED, params, execution_options=NO_SYNC)
         await resolve_redriven(session, order_id, step, now)
-    if claim is not None:
-        await _finish(session, claim, AttemptEnd.SUCCEEDED, now)
     await refresh_order_status(session, order_id)
-
-
-async def _finish(session: AsyncSession, claim: Claim, end: AttemptEnd, now: datetime) -> None:
-    await session.execute(
-        FINISH_CLAIM,
-        {"b_token": claim.token, "b_now": now, "b_end": end},
-        execution_options=NO_SYNC,
-    )
 
 
 def _rowcount(result: Any) -> int:

@@ -177,10 +177,13 @@ class OrderStep(Base):
     outcome: Mapped[dict[str, Any] | None]
     succeeded_at: Mapped[datetime | None]
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
-    # The claim of the attempt that may perform the effect now (core/ledger.py): its token, the
-    # attempt holding it and until when. NULL while no attempt holds the step.
+    # The last claim of the step (core/ledger.py): its token, the attempt and worker (pid@host)
+    # that took it, when, and until when it is live. The claim stays on the row once the step
+    # succeeded: it names the attempt that recorded the effect.
     claim_token: Mapped[str | None] = mapped_column(String(32))
     claim_attempt: Mapped[str | None] = mapped_column(String(40))
+    claimed_by: Mapped[str | None] = mapped_column(String(255))
+    claimed_at: Mapped[datetime | None]
     claimed_until: Mapped[datetime | None]
     # The attempt whose outcome the row recorded last, and how it failed, so that a second run of
     # that attempt answers as the first did without calling the downstream again.
@@ -191,12 +194,12 @@ class OrderStep(Base):
     )
 
 
-class StepAttempt(Base):
-    """One claim of a step by one attempt: which worker took it, when, until when, and how it
-    ended (NULL while it runs, or forever when its holder died or lost its database). An attempt
-    that performed its effect and never finished is the one window left (docs/workflow.md)."""
+class InterruptedClaim(Base):
+    """A claim that ended without recording an outcome: taken over once its lease ran out (its
+    worker died, lost its database, or outlived the lease), or given back by a run cut short.
+    Its attempt may have performed the effect: the one window that remains (docs/workflow.md)."""
 
-    __tablename__ = "step_attempts"
+    __tablename__ = "interrupted_claims"
 
     token: Mapped[str] = mapped_column(String(32), primary_key=True)
     order_id: Mapped[str] = mapped_column(String(40), ForeignKey("orders.id", ondelete="CASCADE"))
@@ -206,11 +209,11 @@ class StepAttempt(Base):
     worker: Mapped[str] = mapped_column(String(255))
     claimed_at: Mapped[datetime]
     claimed_until: Mapped[datetime]
-    finished_at: Mapped[datetime | None]
-    # AttemptEnd: succeeded, failed, refused, released, skipped.
-    outcome: Mapped[str | None] = mapped_column(String(16))
+    # ClaimEnd: taken_over or released.
+    ended: Mapped[str] = mapped_column(String(16))
+    ended_at: Mapped[datetime]
 
-    __table_args__ = (Index("ix_step_attempts_order_id", "order_id"),)
+    __table_args__ = (Index("ix_interrupted_claims_order_id", "order_id"),)
 
 
 class DeadLetter(Base):

@@ -61,20 +61,14 @@ class StepOutcome(enum.StrEnum):
     SKIPPED = "skipped"
 
 
-class AttemptEnd(enum.StrEnum):
-    """How one claim of a step ended (`step_attempts.outcome`); NULL while it runs, and for good
-    when its holder died or lost its database before it could say."""
+class ClaimEnd(enum.StrEnum):
+    """How a claim ended without recording an outcome (`interrupted_claims.ended`)."""
 
-    # The downstream took the effect, and the ledger recorded it.
-    SUCCEEDED = "succeeded"
-    # The downstream failed or could not be reached; a later attempt tries again.
-    FAILED = "failed"
-    # The downstream refused for good.
-    REFUSED = "refused"
-    # The attempt ended before it reached the downstream (an error, or it was cancelled).
+    # Its lease ran out and another attempt took the step over: its holder died, lost its
+    # database, or ran past the lease.
+    TAKEN_OVER = "taken_over"
+    # Its run was cut short (an error, a cancel) and gave the claim back.
     RELEASED = "released"
-    # The order was cancelled before the effect.
-    SKIPPED = "skipped"
 
 
 class CancelOutcome(enum.StrEnum):

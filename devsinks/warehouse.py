@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
+from core.ledger import ATTEMPT_HEADER
 from core.signing import SIGNATURE_HEADER, verify_signature
 from devsinks.faults import FaultInjector, WarehouseFaultsIn
 
@@ -24,6 +25,8 @@ class Delivery:
     duplicate: bool
     received_at: float
     body: dict[str, Any]
+    # The token of the claim whose attempt sent it (X-Orderflow-Attempt): which attempt it was.
+    attempt: str | None = None
 
 
 class WarehouseReceiver:
@@ -43,6 +46,7 @@ class WarehouseReceiver:
     async def receive(self, request: Request) -> Response:
         raw = await request.body()
         key = request.headers.get("Idempotency-Key")
+        attempt = request.headers.get(ATTEMPT_HEADER)
         valid = self.secret is not None and verify_signature(
             self.secret, request.headers.get(SIGNATURE_HEADER), raw
         )
@@ -52,15 +56,16 @@ class WarehouseReceiver:
             body = {}
         await self.faults.delay()
         if self.secret is not None and not valid:
-            return self._record(key, valid, 401, False, body)
+            return self._record(key, valid, 401, False, body, attempt=attempt)
         if self.faults.should_fail():
             headers = {}
             if self.faults.faults.retry_after is not None:
                 headers["Retry-After"] = self.faults.faults.retry_after
-            return self._record(key, valid, self.faults.faults.status, False, body, headers)
+            status = self.faults.faults.status
+            return self._record(key, valid, status, False, body, headers, attempt=attempt)
         if key is not None and key in self.accepted:
-            return self._record(key, valid, 200, True, body)
-        response = self._record(key, valid, 202, False, body)
+            return self._record(key, valid, 200, True, body, attempt=attempt)
+        response = self._record(key, valid, 202, False, body, attempt=attempt)
         if key is not None:
             self.accepted[key] = self.deliveries[-1]
         return response
@@ -73,8 +78,10 @@ class WarehouseReceiver:
         duplicate: bool,
         body: dict[str, Any],
         headers: dict[str, str] | None = None,
+        *,
+        attempt: str | None = None,
     ) -> Response:
-        delivery = Delivery(key, valid, status, duplicate, time.time(), body)
+        delivery = Delivery(key, valid, status, duplicate, time.time(), body, attempt)
         self.deliveries.append(delivery)
         if self.journal is not None:
             self.journal.parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,5 @@
-"""step claims: order_steps holds the claim of the attempt that may perform the effect and the
-outcome of the attempt it recorded last; step_attempts logs every claim
+"""step claims: order_steps holds the last claim of the step and the outcome of the attempt it
+recorded last; interrupted_claims keeps the claims that ended without an outcome
 
 Revision ID: 0004
 Revises: 0003
@@ -23,6 +23,10 @@ def upgrade() -> None:
     with op.batch_alter_table("order_steps", schema=None) as batch_op:
         batch_op.add_column(sa.Column("claim_token", sa.String(length=32), nullable=True))
         batch_op.add_column(sa.Column("claim_attempt", sa.String(length=40), nullable=True))
+        batch_op.add_column(sa.Column("claimed_by", sa.String(length=255), nullable=True))
+        batch_op.add_column(
+            sa.Column("claimed_at", core.models.UtcDateTime(timezone=True), nullable=True)
+        )
         batch_op.add_column(
             sa.Column("claimed_until", core.models.UtcDateTime(timezone=True), nullable=True)
         )
@@ -34,7 +38,7 @@ def upgrade() -> None:
             )
         )
     op.create_table(
-        "step_attempts",
+        "interrupted_claims",
         sa.Column("token", sa.String(length=32), nullable=False),
         sa.Column("order_id", sa.String(length=40), nullable=False),
         sa.Column("step", sa.String(length=40), nullable=False),
@@ -42,28 +46,30 @@ def upgrade() -> None:
         sa.Column("worker", sa.String(length=255), nullable=False),
         sa.Column("claimed_at", core.models.UtcDateTime(timezone=True), nullable=False),
         sa.Column("claimed_until", core.models.UtcDateTime(timezone=True), nullable=False),
-        sa.Column("finished_at", core.models.UtcDateTime(timezone=True), nullable=True),
-        sa.Column("outcome", sa.String(length=16), nullable=True),
+        sa.Column("ended", sa.String(length=16), nullable=False),
+        sa.Column("ended_at", core.models.UtcDateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
             ["order_id"],
             ["orders.id"],
-            name=op.f("fk_step_attempts_order_id_orders"),
+            name=op.f("fk_interrupted_claims_order_id_orders"),
             ondelete="CASCADE",
         ),
-        sa.PrimaryKeyConstraint("token", name=op.f("pk_step_attempts")),
+        sa.PrimaryKeyConstraint("token", name=op.f("pk_interrupted_claims")),
     )
-    with op.batch_alter_table("step_attempts", schema=None) as batch_op:
-        batch_op.create_index("ix_step_attempts_order_id", ["order_id"], unique=False)
+    with op.batch_alter_table("interrupted_claims", schema=None) as batch_op:
+        batch_op.create_index("ix_interrupted_claims_order_id", ["order_id"], unique=False)
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("step_attempts", schema=None) as batch_op:
-        batch_op.drop_index("ix_step_attempts_order_id")
-    op.drop_table("step_attempts")
+    with op.batch_alter_table("interrupted_claims", schema=None) as batch_op:
+        batch_op.drop_index("ix_interrupted_claims_order_id")
+    op.drop_table("interrupted_claims")
     with op.batch_alter_table("order_steps", schema=None) as batch_op:
         batch_op.drop_column("last_error_permanent")
         batch_op.drop_column("last_error_type")
         batch_op.drop_column("recorded_attempt")
         batch_op.drop_column("claimed_until")
+        batch_op.drop_column("claimed_at")
+        batch_op.drop_column("claimed_by")
         batch_op.drop_column("claim_attempt")
         batch_op.drop_column("claim_token")

@@ -40,9 +40,9 @@ from activities.smtp import SmtpMailer
 from activities.step_attempt import STEP_CLAIMED
 from core.contracts import STEPS
 from core.db import create_engine, create_sessionmaker
-from core.models import OrderStep, StepAttempt, StepStatus
+from core.ledger import ATTEMPT_HEADER
+from core.models import InterruptedClaim, OrderStep, StepStatus
 from core.settings import Settings
-from core.states import AttemptEnd
 from core.temporal import connect_temporal
 from devsinks.smtp import MailSink
 from devsinks.warehouse import WarehouseReceiver
@@ -426,16 +426,23 @@ async def test_a_second_run_while_the_first_holds_the_claim_waits_for_its_outcom
     assert outcome == "already_done"
     if first_attempt == "local":
         assert await workflow_task_timeouts(env.client, order_id) >= 1
-    # One claim only, A's, and it recorded the effect.
+    # One claim only, A's: the one that delivered the effect and recorded it; none was
+    # interrupted (B never claimed).
+    row = await step_row(sessions, order_id, step)
+    if step == RECEIPT:
+        [receipt] = mail.to(body["customer_email"])
+        delivered_by = receipt.message[ATTEMPT_HEADER]
+    else:
+        [delivery] = warehouse.deliveries_for(order_id)
+        delivered_by = delivery.attempt
+    assert (row.status, row.claim_token) == (StepStatus.SUCCEEDED, delivered_by)
     async with sessions() as session:
-        claims = (
+        interrupted = (
             await session.scalars(
-                select(StepAttempt).where(
-                    StepAttempt.order_id == order_id, StepAttempt.step == step
-                )
+                select(InterruptedClaim).where(InterruptedClaim.order_id == order_id)
             )
         ).all()
-    assert [claim.outcome for claim in claims] == [AttemptEnd.SUCCEEDED]
+    assert interrupted == []
 
 
 async def workflow_task_timeouts(client: Client, order_id: str) -> int:
