@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
@@ -32,6 +33,7 @@ from activities.retention import RetentionActivities
 from activities.retry import Backoff, LedgerOutages
 from activities.smtp import SmtpMailer
 from activities.warehouse import WarehouseActivities
+from core.admission import WorkerLoad
 from core.db import create_engine, create_sessionmaker
 from core.logging import configure_logging
 from core.outages import OutageLog, watch_database
@@ -98,16 +100,17 @@ def create_worker(
     *,
     task_queue: str | None = None,
     database_outage: OutageLog | None = None,
+    load: WorkerLoad | None = None,
 ) -> Worker:
     """`database_outage` is where the bookkeeping activities' database outages are said once per
-    burst; `run` ends its bursts when the engine answers again."""
+    burst; `run` ends its bursts when the engine answers again. `load` admits the work (its
+    slots); the relay reads it too."""
     return Worker(
         client,
         task_queue=task_queue or settings.TEMPORAL_TASK_QUEUE,
         workflows=[OrderWorkflow, RetentionWorkflow, RedriveWorkflow],
         activities=activities,
-        max_concurrent_activities=settings.WORKER_MAX_CONCURRENT_ACTIVITIES,
-        max_concurrent_workflow_tasks=settings.WORKER_MAX_CONCURRENT_WORKFLOW_TASKS,
+        tuner=(load or WorkerLoad.from_settings(settings)).tuner(),
         max_cached_workflows=settings.WORKER_MAX_CACHED_WORKFLOWS,
         max_task_queue_activities_per_second=settings.WORKER_MAX_TASK_QUEUE_ACTIVITIES_PER_SECOND,
         graceful_shutdown_timeout=timedelta(seconds=settings.WORKER_GRACEFUL_SHUTDOWN_SECONDS),
@@ -140,11 +143,16 @@ async def run(settings: Settings) -> None:
         )
         database_outage = bookkeeping_outage_log()
         watch_database(engine, database_outage)
+        load = WorkerLoad.from_settings(
+            settings, runtime.metric_meter if runtime is not None else None
+        )
+        stack.callback(load.stop)
         worker = create_worker(
             client,
             settings,
             create_activities(settings, sessions, http, mailer, temporal=client),
             database_outage=database_outage,
+            load=load,
         )
 
         try:
@@ -159,7 +167,8 @@ async def run(settings: Settings) -> None:
             loop.add_signal_handler(signum, stop.set)
 
         relay = asyncio.create_task(
-            run_relay(sessions, client, settings, stop=stop), name="outbox-relay"
+            run_relay(sessions, client, settings, stop=stop, worker_room=load.room),
+            name="outbox-relay",
         )
         running = asyncio.create_task(worker.run(), name="worker")
         log.info("worker polling task queue %s", settings.TEMPORAL_TASK_QUEUE)
@@ -188,6 +197,8 @@ async def run(settings: Settings) -> None:
 def main() -> None:
     settings = get_settings()
     configure_logging(settings)
+    if settings.WORKER_NICENESS:
+        os.nice(settings.WORKER_NICENESS)
     asyncio.run(run(settings))
 
 

@@ -42,6 +42,8 @@ DATABASE_UP = "orderflow_database_up"
 # Worker (recorded through the Temporal SDK's meter, served on WORKER_METRICS_ADDRESS).
 STEP_ATTEMPTS = "orderflow_step_attempts_total"
 SIDE_EFFECT_DURATION = "orderflow_side_effect_duration_seconds"
+# How late the worker's event loop runs: what gates its slots (core/admission.py).
+LOOP_LAG_METRIC = "orderflow_worker_loop_lag_seconds"
 
 DEDUPLICATED_BY = ("key", "workflow_id")
 
@@ -58,6 +60,7 @@ ORDERFLOW_METRICS = frozenset(
         DATABASE_UP,
         STEP_ATTEMPTS,
         SIDE_EFFECT_DURATION,
+        LOOP_LAG_METRIC,
     }
 )
 # The SDK's own metrics that the dashboard and the alerts use (with the worker runtime's

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -125,6 +125,8 @@ class RelayPass:
     started: int
     # Entries left for a later pass because the server's backlog was full.
     held: int = 0
+    # The pass looked at nothing: this process's worker had no room.
+    saturated: bool = False
 
 
 def _pending(grace: timedelta, batch: int) -> Select[str]:
@@ -148,10 +150,16 @@ async def relay_once(
     eager: bool = False,
     max_backlog: int = 0,
     outage: OutageLog | None = None,
+    worker_room: Callable[[], int] | None = None,
 ) -> RelayPass:
     """One pass: starts the workflows of up to `batch` entries that nobody confirmed within
-    `grace`, and marks them."""
+    `grace`, and marks them: no more than `worker_room` says this process's worker would take
+    now (core/admission.py; the backlog the server reports does not see the tasks a worker
+    holds), and with `max_backlog` no more than keeps the server's backlog under it."""
     outage = outage or OutageLog(TEMPORAL, log, meanwhile=TEMPORAL_MEANWHILE)
+    room = worker_room() if worker_room is not None else batch
+    if room <= 0:
+        return RelayPass(0, 0, 0, saturated=True)
     marks = _PassMarks()
     async with sessions.begin() as session:
         if session.get_bind().dialect.name != "sqlite":
@@ -159,13 +167,13 @@ async def relay_once(
             claimed = (
                 await session.scalars(_pending(grace, batch).with_for_update(skip_locked=True))
             ).all()
-            admitted = await _admit(client, task_queue, claimed, max_backlog)
+            admitted = await _admit(client, task_queue, claimed, max_backlog, room)
             await _start_in_waves(client, admitted, task_queue, marks, outage, rpc_timeout, eager)
             await marks.write(session)
             return RelayPass(len(claimed), len(marks.started_ids), len(claimed) - len(admitted))
         order_ids = (await session.scalars(_pending(grace, batch))).all()
 
-    admitted = await _admit(client, task_queue, order_ids, max_backlog)
+    admitted = await _admit(client, task_queue, order_ids, max_backlog, room)
     await _start_in_waves(client, admitted, task_queue, marks, outage, rpc_timeout, eager)
     if marks.started_ids or marks.errors:
         async with sessions.begin() as session:
@@ -174,18 +182,18 @@ async def relay_once(
 
 
 async def _admit(
-    client: Client, task_queue: str, order_ids: Sequence[str], max_backlog: int
+    client: Client, task_queue: str, order_ids: Sequence[str], max_backlog: int, room: int
 ) -> Sequence[str]:
     """The entries to start now: with `max_backlog`, only as many as keep the server's backlog
-    of workflow tasks on the queue under it. A task the server can hand straight to a waiting
-    poller costs it far less than one it must store and fetch again, and orders waiting in the
-    outbox cost it nothing."""
+    of workflow tasks on the queue under it, and this worker's slots (`room`) busy. A task the
+    server can hand straight to a waiting poller costs it far less than one it must store and
+    fetch again, and orders waiting in the outbox cost it nothing."""
     if not max_backlog or not order_ids:
-        return order_ids
+        return order_ids[:room]
     backlog = await workflow_task_backlog(client, task_queue)
     if backlog is None:
-        return order_ids
-    return order_ids[: max(0, max_backlog - backlog)]
+        return order_ids[:room]
+    return order_ids[: min(max(0, max_backlog - backlog), room)]
 
 
 async def workflow_task_backlog(client: Client, task_queue: str) -> int | None:
@@ -251,14 +259,16 @@ async def run_relay(
     settings: Settings,
     *,
     stop: asyncio.Event | None = None,
+    worker_room: Callable[[], int] | None = None,
 ) -> None:
     """The worker's relay loop, until `stop` is set. A pass in progress finishes first, because
     cancelling one mid-query breaks its database connection (asyncpg logs it).
 
     In "outbox" mode it is the only thing that starts workflows: no grace, a pass every
-    OUTBOX_RELAY_INTERVAL_SECONDS, at most OUTBOX_RELAY_MAX_BACKLOG tasks waiting on the server,
-    and eager starts (the worker's own client polls the task queue, so the first workflow task
-    comes back with the start instead of through a poll). In the other modes it is the safety
+    OUTBOX_RELAY_INTERVAL_SECONDS, at most OUTBOX_RELAY_MAX_BACKLOG tasks waiting on the server
+    and no more than this process's worker has room for (`worker_room`), and eager starts
+    (the worker's own client polls the task queue, so the first workflow task comes back with
+    the start instead of through a poll). In the other modes it is the safety
     net: entries older than OUTBOX_GRACE_SECONDS, a pass every OUTBOX_SWEEP_INTERVAL_SECONDS.
     Either way a full batch is followed by the next pass at once, and a pass in which a start
     failed by one after OUTBOX_SWEEP_INTERVAL_SECONDS.
@@ -289,6 +299,8 @@ async def run_relay(
                 eager=outbox_mode,
                 max_backlog=settings.OUTBOX_RELAY_MAX_BACKLOG if outbox_mode else 0,
                 outage=temporal,
+                # The safety net's starts are few, and go wherever a worker polls.
+                worker_room=worker_room if outbox_mode else None,
             )
             database.succeeded()
             if relayed.started and grace:  # in outbox mode starting workflows is routine

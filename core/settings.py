@@ -73,10 +73,11 @@ class Settings(BaseSettings):
     IDEMPOTENCY_KEY_TTL_SECONDS: float = Field(default=24 * 3600.0, gt=0)
     # How long the request path waits for Temporal before leaving the start to the relay.
     WORKFLOW_START_TIMEOUT_SECONDS: float = Field(default=2.0, gt=0)
-    # "request": start the workflow before answering; "background": answer after the commit and
-    # start it from the API right after; "outbox": answer after the commit and let the workers'
-    # outbox relay start it (the API never calls Temporal on the order path).
-    WORKFLOW_START_MODE: Literal["request", "background", "outbox"] = "request"
+    # "outbox": answer after the commit and let the workers' outbox relay start the workflow
+    # (the API never calls Temporal on the order path, so a loaded Temporal server never slows
+    # a customer); "request": start the workflow before answering; "background": answer after
+    # the commit and start it from the API right after.
+    WORKFLOW_START_MODE: Literal["request", "background", "outbox"] = "outbox"
     # How often the relay looks for new outbox entries in "outbox" mode.
     OUTBOX_RELAY_INTERVAL_SECONDS: float = Field(default=0.05, gt=0)
     # The relay starts workflows only while the server holds fewer workflow tasks than this
@@ -91,8 +92,15 @@ class Settings(BaseSettings):
     RETENTION_INTERVAL_SECONDS: float = Field(default=600.0, gt=0)
     RETENTION_BATCH: int = Field(default=1000, ge=1)
 
+    # Upper bounds of the worker's slots; within them it takes work only while its event loop
+    # keeps up (core/admission.py): past WORKER_LOOP_LAG_TARGET_SECONDS of lag it takes no more
+    # than two workflow tasks and one activity until the lag falls. 0 turns the gate off.
     WORKER_MAX_CONCURRENT_ACTIVITIES: int = Field(default=100, ge=1)
-    WORKER_MAX_CONCURRENT_WORKFLOW_TASKS: int = Field(default=100, ge=1)
+    WORKER_MAX_CONCURRENT_WORKFLOW_TASKS: int = Field(default=16, ge=1)
+    WORKER_LOOP_LAG_TARGET_SECONDS: float = Field(default=0.05, ge=0)
+    # Added to the worker process's niceness at start: on a host it shares with the API, the
+    # customers' requests come first and the backlog waits (0 keeps the worker's priority).
+    WORKER_NICENESS: int = Field(default=10, ge=0, le=19)
     WORKER_MAX_CACHED_WORKFLOWS: int = Field(default=1000, ge=0)
     WORKER_MAX_TASK_QUEUE_ACTIVITIES_PER_SECOND: float | None = Field(default=None, gt=0)
     WORKER_GRACEFUL_SHUTDOWN_SECONDS: float = Field(default=30.0, ge=0)

@@ -228,6 +228,10 @@ def settings(
         RETRY_MAX_INTERVAL_SECONDS=0.2,
         OUTBOX_GRACE_SECONDS=0.5,
         OUTBOX_SWEEP_INTERVAL_SECONDS=0.2,
+        # The API starts the workflow itself: the tests' worker (`running_worker`) runs no
+        # relay. The outbox mode, the shipped one, is tested with real relays: test_outbox.py,
+        # the worker processes of tests/e2e and the system suite.
+        WORKFLOW_START_MODE="request",
     )
 
 

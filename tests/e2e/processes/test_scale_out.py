@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.api.enums.v1 import RateLimitSource, TaskQueueType
 from temporalio.testing import WorkflowEnvironment
 
+from core.admission import LagGatedSlots
 from core.settings import Settings
 from devsinks.smtp import MailSink
 from devsinks.warehouse import WarehouseReceiver
@@ -52,8 +53,12 @@ async def test_worker_tuning_comes_from_the_settings(
     async with running_worker(env.client, tuned, sessions) as worker:
         config = worker.config()
         assert config["task_queue"] == tuned.TEMPORAL_TASK_QUEUE
-        assert config.get("max_concurrent_activities") == 7
-        assert config.get("max_concurrent_workflow_tasks") == 5
+        # The slots' upper bounds; within them the worker's own lag admits the work.
+        tuner = config.get("tuner")
+        workflow_slots = getattr(tuner, "workflow_slot_supplier", None)
+        activity_slots = getattr(tuner, "activity_slot_supplier", None)
+        assert isinstance(workflow_slots, LagGatedSlots) and workflow_slots.maximum == 5
+        assert isinstance(activity_slots, LagGatedSlots) and activity_slots.maximum == 7
         assert config.get("max_cached_workflows") == 11
         assert config.get("max_task_queue_activities_per_second") == 12.5
         assert config.get("graceful_shutdown_timeout") == timedelta(seconds=4)

@@ -58,6 +58,8 @@ def api_process_env(settings: Settings, **overrides: str) -> dict[str, str]:
         "DATABASE_MAX_OVERFLOW": "4",
         "TEMPORAL_ADDRESS": settings.TEMPORAL_ADDRESS,
         "TEMPORAL_TASK_QUEUE": settings.TEMPORAL_TASK_QUEUE,
+        # As the test's own: its in-process worker runs no relay.
+        "WORKFLOW_START_MODE": settings.WORKFLOW_START_MODE,
         "WEBHOOK_SIGNING_SECRET": WEBHOOK_SECRET,
         "API_KEYS": API_KEY,
         "LOG_LEVEL": "WARNING",
