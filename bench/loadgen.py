@@ -25,17 +25,27 @@ from typing import Any
 
 import httpx
 
+from bench.rush_sinks import FLAKY_MAILBOX_MARK, FLAKY_SKU, POISON_SKU
+
 WARMUP = 10
 
 
-def order_body() -> dict[str, Any]:
+def order_body(marker_sku: str | None = None) -> dict[str, Any]:
+    """An order; `marker_sku` adds an item the rush's receivers react to (bench/rush_sinks.py),
+    and for the flaky one a recipient its SMTP server refuses twice first."""
+    mailbox = f"buyer-{uuid.uuid4().hex[:12]}"
+    items = [
+        {"sku": "BOOK-1", "quantity": 2, "unit_price_cents": 1250},
+        {"sku": "PEN-9", "quantity": 1, "unit_price_cents": 199},
+    ]
+    if marker_sku is not None:
+        items.append({"sku": marker_sku, "quantity": 1, "unit_price_cents": 100})
+        if marker_sku == FLAKY_SKU:
+            mailbox += FLAKY_MAILBOX_MARK
     return {
-        "customer_email": f"buyer-{uuid.uuid4().hex[:12]}@example.com",
+        "customer_email": f"{mailbox}@example.com",
         "currency": "USD",
-        "items": [
-            {"sku": "BOOK-1", "quantity": 2, "unit_price_cents": 1250},
-            {"sku": "PEN-9", "quantity": 1, "unit_price_cents": 199},
-        ],
+        "items": items,
         "payment_token": "tok_visa",
     }
 
@@ -92,14 +102,31 @@ async def drive(
 
 
 async def http_load(
-    url: str, count: int, concurrency: int, deadline: float, warmup: int
+    url: str,
+    count: int,
+    concurrency: int,
+    deadline: float,
+    warmup: int,
+    *,
+    flaky_every: int = 0,
+    poison: bool = False,
 ) -> LoadResult:
+    """`flaky_every` N: every N-th order is refused twice first by the rush's receivers;
+    `poison`: every order is refused by its warehouse for good."""
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    def body(index: int) -> dict[str, Any]:
+        if poison:
+            return order_body(POISON_SKU)
+        if flaky_every and index % flaky_every == 0:
+            return order_body(FLAKY_SKU)
+        return order_body()
+
     async with httpx.AsyncClient(limits=limits, timeout=60.0) as client:
 
-        async def post(_index: int) -> str:
+        async def post(index: int) -> str:
             response = await client.post(
-                url, json=order_body(), headers={"Idempotency-Key": f"bench-{uuid.uuid4().hex}"}
+                url, json=body(index), headers={"Idempotency-Key": f"bench-{uuid.uuid4().hex}"}
             )
             return str(response.status_code)
 
@@ -213,9 +240,48 @@ async def histories(queue: str, sample: int) -> dict[str, Any]:
     return {"sample": len(rows), "workflows": rows}
 
 
+async def task_timeouts(queue: str) -> dict[str, Any]:
+    """Over every OrderWorkflow on the queue: how many workflow tasks it took, and how many of
+    them timed out or failed (a timed-out task's local activities run again)."""
+    from temporalio.api.enums.v1 import EventType
+
+    from core.settings import Settings
+    from core.temporal import connect_temporal
+
+    client = await connect_temporal(Settings())
+    ids = [
+        execution.id
+        async for execution in client.list_workflows(
+            f"TaskQueue = '{queue}' AND WorkflowType = 'OrderWorkflow'"
+        )
+    ]
+    counted: Counter[str] = Counter()
+    worst: dict[str, int] = {}
+    gate = asyncio.Semaphore(16)
+
+    async def read(workflow_id: str) -> None:
+        async with gate:
+            timed_out = 0
+            async for event in client.get_workflow_handle(workflow_id).fetch_history_events():
+                if event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED:
+                    counted["workflow_tasks"] += 1
+                elif event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT:
+                    counted["workflow_task_timeouts"] += 1
+                    timed_out += 1
+                elif event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED:
+                    counted["workflow_task_failures"] += 1
+            if timed_out:
+                worst[workflow_id] = timed_out
+
+    await asyncio.gather(*(read(workflow_id) for workflow_id in ids))
+    return {"workflows": len(ids), **counted, "workflows_with_timeouts": len(worst)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["http", "start", "bare-burst", "history", "histories"])
+    parser.add_argument(
+        "mode", choices=["http", "start", "bare-burst", "history", "histories", "task-timeouts"]
+    )
     parser.add_argument("url", nargs="?")
     parser.add_argument("--queue", default="bench-floor")
     parser.add_argument("--count", type=int, default=1000)
@@ -225,14 +291,26 @@ def main() -> None:
     parser.add_argument("--already", type=int, default=0, help="bare workflows done before")
     parser.add_argument("--workflow", default="BareWorkflow", help="the bare workflow type")
     parser.add_argument("--sample", type=int, default=20, help="workflows `histories` reads")
+    parser.add_argument("--flaky-every", type=int, default=0, help="every N-th order flaky")
+    parser.add_argument("--poison", action="store_true", help="every order refused for good")
     args = parser.parse_args()
+    if args.mode == "task-timeouts":
+        _finish(asyncio.run(task_timeouts(args.queue)))
     if args.mode == "history":
         _finish(asyncio.run(history(args.queue)))
     if args.mode == "histories":
         _finish(asyncio.run(histories(args.queue, args.sample)))
     if args.mode == "http":
         result = asyncio.run(
-            http_load(args.url, args.count, args.concurrency, args.deadline, args.warmup)
+            http_load(
+                args.url,
+                args.count,
+                args.concurrency,
+                args.deadline,
+                args.warmup,
+                flaky_every=args.flaky_every,
+                poison=args.poison,
+            )
         )
     elif args.mode == "start":
         result = asyncio.run(start_load(args.queue, args.count, args.concurrency, args.deadline))
