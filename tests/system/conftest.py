@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import shutil
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -26,7 +27,7 @@ from temporalio.client import Client
 from core.db import create_engine, create_sessionmaker
 from core.settings import Settings
 from tests.conftest import ROOT, _admin_sql, _migrate, free_port
-from tests.system.checks import Figures, check_orders, wait_until_settled
+from tests.system.checks import Fault, Figures, check_orders, wait_until_settled
 from tests.system.load import Client as ShopClient
 from tests.system.processes import Process, Service, TemporalServer, api_command, worker_command
 from tests.system.sinks import Sinks, running_sinks
@@ -116,6 +117,8 @@ class Stack:
     apis: list[Service] = field(default_factory=list)
     extra: list[Service] = field(default_factory=list)
     shop: ShopClient | None = None
+    # The faults injected into the workers so far: the only cause a repeated effect may have.
+    faults: list[Fault] = field(default_factory=list)
     _described: tuple[str, str] = ("", "")
 
     @property
@@ -174,20 +177,41 @@ class Stack:
         return int(port or 5432)
 
     async def cut(self, links: list[TcpProxy], seconds: float) -> None:
-        """Cuts the links for `seconds` (a fault's duration, not a wait for a condition)."""
+        """Cuts the links for `seconds` (a fault's duration, not a wait for a condition), and
+        notes the fault against the workers whose links they are."""
+        hit = frozenset(
+            identity_of(worker)
+            for worker in self.workers
+            if worker.database in links or worker.temporal in links
+        )
+        start = time.time()
         await asyncio.gather(*(link.cut() for link in links))
         try:
             await asyncio.sleep(seconds)
         finally:
             for link in links:
                 await link.restore()
+            self.faults.append(Fault("cut", hit, start, time.time()))
+
+    async def kill(self, worker: Service) -> None:
+        """SIGKILLs the worker, notes the fault, and starts it again."""
+        identity = identity_of(worker)
+        killed = time.time()
+        await worker.process.kill()
+        self.faults.append(Fault("kill", frozenset({identity}), killed, killed))
+        worker.process.start()
+        await worker.ready()
+
+    def every_worker_lost_temporal(self, start: float, end: float) -> None:
+        """Notes the Temporal server's absence as a fault on every worker's link to it."""
+        hit = frozenset(identity_of(worker) for worker in self.workers)
+        self.faults.append(Fault("temporal down", hit, start, end))
 
     async def finish(
         self,
         *,
         injected: str,
         checked: str,
-        repeats_allowed: bool,
         drain_from: float | None = None,
         within: float = 180.0,
         extra: dict[str, Any] | None = None,
@@ -205,7 +229,7 @@ class Stack:
             task_queue=self.task_queue,
             prefix=self.prefix,
             accepted=accepted,
-            repeats_allowed=repeats_allowed,
+            faults=self.faults,
         )
         try:
             await wait_until_settled(self.system.sessions, self.prefix, len(accepted), within)
@@ -230,6 +254,12 @@ class Stack:
     def record(self, figures: Figures) -> None:
         """Writes the scenario's figures (again, once a scenario has added to them)."""
         record(self.name, *self._described, figures)
+
+
+def identity_of(worker: Service) -> str:
+    """The SDK's default worker identity, which Temporal records on every task it hands out and
+    the ledger on every claim the worker takes."""
+    return f"{worker.process.pid}@{socket.gethostname()}"
 
 
 def record(name: str, injected: str, checked: str, figures: Figures) -> None:

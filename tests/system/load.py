@@ -29,6 +29,7 @@ class Answer:
     status: int  # 0: no HTTP answer (connection refused or dropped, or a timeout)
     retry_after: str | None
     error: str | None = None  # why there was no answer
+    took: float = 0.0  # seconds from sending the request to its answer
 
 
 @dataclass
@@ -90,16 +91,22 @@ class Client:
             await asyncio.sleep(_pause(answer))
 
     async def _post(self, url: str, placed: Placed) -> tuple[Answer, httpx.Response | None]:
+        sent = time.perf_counter()
         try:
             response = await self._http.post(
                 f"{url}/orders", json=placed.body, headers={"Idempotency-Key": placed.key}
             )
         except httpx.TransportError as failure:
-            return Answer(time.time(), url, 0, None, type(failure).__name__), None
-        return (
-            Answer(time.time(), url, response.status_code, response.headers.get("Retry-After")),
-            response,
+            took = time.perf_counter() - sent
+            return Answer(time.time(), url, 0, None, type(failure).__name__, took), None
+        answer = Answer(
+            time.time(),
+            url,
+            response.status_code,
+            response.headers.get("Retry-After"),
+            took=time.perf_counter() - sent,
         )
+        return answer, response
 
     async def stream(
         self,
@@ -116,6 +123,25 @@ class Client:
             await asyncio.sleep(max(0.0, started + n / per_second - time.monotonic()))
             tasks.append(asyncio.create_task(self.place(body(n) if body else None)))
         return list(await asyncio.gather(*tasks))
+
+    async def rush(
+        self,
+        count: int,
+        customers: int,
+        *,
+        body: Callable[[int], dict[str, Any] | None] | None = None,
+    ) -> list[Placed]:
+        """`count` orders from `customers` concurrent customers, each placing its next order as
+        soon as its last one was answered: a rush, not a paced stream."""
+        numbers = iter(range(count))
+        placed: list[Placed] = []
+
+        async def customer() -> None:
+            for n in numbers:
+                placed.append(await self.place(body(n) if body else None))
+
+        await asyncio.gather(*(customer() for _ in range(customers)))
+        return placed
 
     async def sent(self, count: int) -> None:
         """Until the stream has sent `count` orders (where a scenario injects its fault)."""

@@ -23,6 +23,7 @@ SCENARIOS = [
     ("6", "poison_sku", "Poison SKU (warehouse answers 400)"),
     ("7", "links_cut", "Database link cut, then Temporal link cut"),
     ("8", "worker_link_cut", "One worker's link to Temporal cut while it holds tasks"),
+    ("9", "rush", "A rush onto one worker"),
 ]
 
 

@@ -16,32 +16,51 @@ import uvicorn
 from aiosmtpd.controller import Controller
 from fastapi import FastAPI, Request, Response
 
+from core.ledger import ATTEMPT_HEADER
 from devsinks.smtp import MailSink
-from devsinks.warehouse import WarehouseReceiver
+from devsinks.warehouse import Delivery, WarehouseReceiver
 from tests.conftest import WEBHOOK_SECRET, free_port
 from tests.support import wait_until
 
 POISON_SKU = "POISON-1"
+# An order carrying it is refused twice first (503) by the warehouse, and its receipt's
+# recipient (FLAKY_MAILBOX) twice first (451 at RCPT) by the SMTP server.
+FLAKY_SKU = "FLAKY-2"
+FLAKY_MAILBOX = "+flaky@"
+REFUSALS_BEFORE_SUCCESS = 2
 
 
 class PoisonAwareWarehouse(WarehouseReceiver):
-    """Refuses (400, permanently) an order carrying a poison SKU; everything else as the dev
-    receiver does (signature check, dedup by key, injected latency and failures)."""
+    """Refuses (400, permanently) an order carrying a poison SKU, and an order carrying a flaky
+    SKU twice (503) before it takes it; everything else as the dev receiver does (signature
+    check, dedup by key, injected latency and failures). Every call is recorded, the repeats the
+    dev receiver drops included."""
 
     def __init__(self) -> None:
         super().__init__(WEBHOOK_SECRET.encode())
         self.poison_skus: set[str] = set()
+        self.flaky_skus: set[str] = set()
+        self._refused: Counter[str] = Counter()
 
     async def receive(self, request: Request) -> Response:
         raw = await request.body()
+        key = request.headers.get("Idempotency-Key")
+        attempt = request.headers.get(ATTEMPT_HEADER)
         try:
-            skus = {item.get("sku") for item in json.loads(raw).get("items", [])}
-        except (ValueError, AttributeError):
-            skus = set()
-        if skus & self.poison_skus:
             body = json.loads(raw)
-            return self._record(request.headers.get("Idempotency-Key"), True, 400, False, body)
+            skus = {item.get("sku") for item in body.get("items", [])}
+        except (ValueError, AttributeError):
+            return await super().receive(request)
+        if skus & self.poison_skus:
+            return self._record(key, True, 400, False, body, attempt=attempt)
+        if skus & self.flaky_skus and self._refused[str(key)] < REFUSALS_BEFORE_SUCCESS:
+            self._refused[str(key)] += 1
+            await self.faults.delay()
+            return self._record(key, True, 503, False, body, attempt=attempt)
         return await super().receive(request)
+
+    def calls_for(self, key: str) -> list[Delivery]:
+        return [d for d in self.deliveries if d.idempotency_key == key]
 
     def accepted_keys(self) -> Counter[str]:
         """How many deliveries each key had accepted (202, not answered as a duplicate)."""
@@ -56,15 +75,23 @@ class SlowToAcceptMail(MailSink):
     """The dev SMTP sink, optionally slow before it accepts a recipient (as a server checking
     the address is): a client that dies meanwhile never sends the message, so an effect in
     flight at a kill is really not delivered yet. (The sink's own latency comes after DATA,
-    when the message has already arrived.)"""
+    when the message has already arrived.) A recipient with FLAKY_MAILBOX in it is refused
+    twice (451) before it is taken. Every message is kept, repeats included."""
 
     rcpt_delay_seconds = 0.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._refused: Counter[str] = Counter()
 
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: Any
     ) -> str:
         if self.rcpt_delay_seconds:
             await asyncio.sleep(self.rcpt_delay_seconds)
+        if FLAKY_MAILBOX in address and self._refused[address] < REFUSALS_BEFORE_SUCCESS:
+            self._refused[address] += 1
+            return "451 4.3.0 mailbox busy, try later"
         return await super().handle_RCPT(server, session, envelope, address, rcpt_options)
 
 
@@ -80,12 +107,15 @@ class Sinks:
         self.mail.rcpt_delay_seconds = 0.0
         self.warehouse.faults.reset()
         self.warehouse.poison_skus.clear()
+        self.warehouse.flaky_skus.clear()
 
-    def slow(self, milliseconds: int) -> None:
-        """Both downstreams take this long: the SMTP server before it accepts the recipient,
-        the warehouse before it answers."""
+    def slow(self, milliseconds: int, warehouse_milliseconds: int | None = None) -> None:
+        """The downstreams take this long (the warehouse `warehouse_milliseconds` if given): the
+        SMTP server before it accepts the recipient, the warehouse before it answers."""
         self.mail.rcpt_delay_seconds = milliseconds / 1000
-        self.warehouse.faults.configure(latency_ms=milliseconds)
+        self.warehouse.faults.configure(
+            latency_ms=milliseconds if warehouse_milliseconds is None else warehouse_milliseconds
+        )
 
 
 @asynccontextmanager

@@ -7,26 +7,40 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
-import socket
 import statistics
 import time
+import uuid
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
 import httpx
-from sqlalchemy import select
+from sqlalchemy import func, select
 from temporalio.api.enums.v1 import PendingActivityState
 
-from core.models import DeadLetter, DeadLetterStatus, OrderStep
+from core.ledger import effect_key
+from core.models import (
+    DeadLetter,
+    DeadLetterStatus,
+    InterruptedClaim,
+    OrderStep,
+    StepStatus,
+)
 from core.settings import Settings
 from tests.support import order_body, wait_for_workflow_closed, wait_until
-from tests.system.checks import orders_by_key, started_by, wait_until_settled
-from tests.system.conftest import KILLED_ATTEMPTS_ENV, System, size
+from tests.system.checks import (
+    Fault,
+    orders_by_key,
+    settled_count,
+    started_by,
+    wait_until_settled,
+    workflow_task_timeouts,
+)
+from tests.system.conftest import KILLED_ATTEMPTS_ENV, System, identity_of, size
 from tests.system.load import Client as ShopClient
 from tests.system.load import Placed
-from tests.system.processes import Service
-from tests.system.sinks import POISON_SKU
+from tests.system.sinks import FLAKY_MAILBOX, FLAKY_SKU, POISON_SKU
 from tests.worker_processes import workflow_task_identities
 
 
@@ -44,7 +58,6 @@ async def test_duplicate_storm(system: System) -> None:
         figures = await stack.finish(
             injected=f"{copies} concurrent identical POST /orders, one key, two API processes",
             checked="one order, charge, workflow, receipt and accepted webhook for the key",
-            repeats_allowed=False,
             extra={"first_answers": {str(s): first.count(s) for s in sorted(set(first))}},
         )
     assert figures.orders == 1
@@ -67,28 +80,33 @@ async def test_workers_killed_mid_stream(system: System) -> None:
         victims = []
         for point in points:
             await shop.sent(point)
-            # The worker running the most activity tasks right now (a random one if none is
-            # seen, as with local-first steps): a kill of an idle worker would prove little.
-            recent = list(shop.accepted().values())[-40:]
+            # The worker holding the most claims right now, that is running the most attempts
+            # (a kill of an idle worker would prove little).
             busy = [
-                (await activities_held(system, recent, identity_of(worker)), rng.random(), n)
+                (await live_claims(system, identity_of(worker)), rng.random(), n)
                 for n, worker in enumerate(stack.workers)
             ]
-            held, _, chosen = max(busy)
+            _, _, chosen = max(busy)
             victim = stack.workers[chosen]
-            victims.append(f"{victim.name} at order {point} running {held} activity tasks")
-            await victim.restart()
+            held = await live_claims(system, identity_of(victim))
+            await stack.kill(victim)
+            victims.append(f"{victim.name} at order {point} holding {held} claims")
         await stream
         drain_from = time.monotonic()
         system.sinks.heal()
         figures = await stack.finish(
             injected=f"{count} orders at {size('STREAM_RATE', 15):g}/s; {kills} SIGKILLs of a "
             "worker at random points, each restarted; SMTP and warehouse slowed to 250 ms",
-            checked="invariants; receipt repeats only from attempts in flight at a kill",
-            repeats_allowed=True,
+            checked="invariants; every repeat from an attempt in flight at a kill; at least one "
+            "kill interrupted attempts",
             drain_from=drain_from,
             extra={"kills": victims},
         )
+        # The premise: the kills hit attempts in flight (their claims, taken over since).
+        interrupted = [await claims_in_flight(system, fault) for fault in stack.faults]
+        figures.extra["attempts_interrupted_per_kill"] = interrupted
+        stack.record(figures)
+    assert any(interrupted), f"no kill hit an attempt in flight: {victims}"
     assert figures.orders == count
 
 
@@ -99,18 +117,18 @@ async def test_temporal_server_killed_and_restarted(system: System) -> None:
         shop = stack.client
         stream = asyncio.create_task(shop.stream(count, per_second=15))
         await shop.sent(count // 3)
-        down = time.monotonic()
+        down = time.time()
         await system.temporal.process.kill()
         system.temporal.process.start()
         system.client = await system.temporal.connected()
-        downtime = time.monotonic() - down
+        stack.every_worker_lost_temporal(down, time.time())
+        downtime = time.time() - down
         await stream
         drain_from = time.monotonic()
         figures = await stack.finish(
             injected=f"{count} orders at 15/s; the Temporal server SIGKILLed after {count // 3} "
             f"and restarted on its database file ({downtime:.1f} s down)",
             checked="invariants; orders accepted while it was down started by the relay",
-            repeats_allowed=True,
             drain_from=drain_from,
             extra={"server_down_seconds": round(downtime, 1)},
         )
@@ -152,7 +170,6 @@ async def test_api_killed_between_commit_and_start(system: System) -> None:
             "workflow start; half the clients retried with the same key, half gave up",
             checked="invariants; each order the dead process committed was started by a "
             "worker's relay and completed",
-            repeats_allowed=False,
             drain_from=drain_from,
             accepted=committed,
         )
@@ -212,7 +229,6 @@ async def test_warehouse_outage_within_the_budget(system: System) -> None:
             injected=f"{count} orders during a {outage:g} s warehouse outage "
             "(503 to every call), then recovery; time budget 900 s",
             checked="invariants; no dead letter; retries spread (histogram)",
-            repeats_allowed=False,
             drain_from=drain_from,
         )
         times = warehouse_times(system, set(shop.accepted().values()))
@@ -303,7 +319,6 @@ async def test_warehouse_outage_longer_than_the_budget(system: System) -> None:
             f"time budget; then POST /dead-letters/retry at {rate:g}/s",
             checked="invariants; the overflow dead-lettered; the bulk retry completes every "
             "one, paced",
-            repeats_allowed=False,
             drain_from=drain_from,
         )
         redriven = sorted(
@@ -349,7 +364,6 @@ async def test_poison_sku(system: System) -> None:
             injected=f"{count} orders at 20/s, every tenth with a SKU the warehouse answers 400",
             checked="invariants; poison orders dead-lettered at attempt 1, permanent; the rest "
             "complete at attempt 1",
-            repeats_allowed=False,
             drain_from=drain_from,
         )
         poison = {p.order_id for n, p in enumerate(placed) if n % 10 == 0}
@@ -398,7 +412,6 @@ async def test_database_and_temporal_links_cut(system: System) -> None:
             f"{database_cut:g} s, later every link to Temporal for {temporal_cut:g} s",
             checked="invariants; each retried key one order; during the database cut the API "
             "answers 503 + Retry-After; nothing dead-lettered",
-            repeats_allowed=True,
             drain_from=drain_from,
             extra={
                 "answers_during_database_cut": {
@@ -418,6 +431,113 @@ async def test_database_and_temporal_links_cut(system: System) -> None:
         if a.status and (a.status != 503 or not a.retry_after)
     ]
     assert not refused, f"answers other than 503 + Retry-After during the cut: {refused[:10]}"
+
+
+def flaky_order() -> dict[str, Any]:
+    """An order both downstreams refuse twice before they take it."""
+    items = order_body()["items"] + [{"sku": FLAKY_SKU, "quantity": 1, "unit_price_cents": 5}]
+    email = f"buyer-{uuid.uuid4().hex[:12]}{FLAKY_MAILBOX}example.com"
+    return order_body(email=email, items=items)
+
+
+def refused_order() -> dict[str, Any]:
+    items = order_body()["items"] + [{"sku": POISON_SKU, "quantity": 1, "unit_price_cents": 5}]
+    return order_body(items=items)
+
+
+class DrainCurve:
+    """Samples how many of the scenario's orders have settled, every second, and counts them
+    per window: a steady drain settles about as many in each window while work remains."""
+
+    def __init__(self, system: System, prefix: str, window: float = 10.0) -> None:
+        self._system = system
+        self._prefix = prefix
+        self._window = window
+        self.samples: list[tuple[float, int]] = []
+
+    async def sample(self, until_settled: int) -> None:
+        started = time.monotonic()
+        while True:
+            settled = await settled_count(self._system.sessions, self._prefix)
+            self.samples.append((time.monotonic() - started, settled))
+            if settled >= until_settled:
+                return
+            await asyncio.sleep(1)  # the sampling period, not a wait for a condition
+
+    def windows(self) -> list[int]:
+        """Orders settled in each window, the last (partial) one included."""
+        counts: list[int] = []
+        for at, settled in self.samples:
+            bucket = int(at // self._window)
+            while len(counts) <= bucket:
+                counts.append(counts[-1] if counts else 0)
+            counts[bucket] = settled
+        return [counts[0]] + [b - a for a, b in itertools.pairwise(counts)]
+
+
+async def test_rush_onto_one_worker(system: System) -> None:
+    """A rush from many customers at once onto one worker with slow downstreams (SMTP 150 ms,
+    warehouse 250 ms), a tenth of the orders refused twice first by both, then a rush of orders
+    the warehouse refuses for good. Nothing is killed or cut: no effect may be delivered twice,
+    the warehouse must never hear again of an order it refused, no workflow task may time out,
+    and the worker drains the backlog at a steady pace."""
+    count, refused = int(size("RUSH_ORDERS", 1000)), int(size("RUSH_REFUSED", 300))
+    customers = int(size("RUSH_CUSTOMERS", 32))
+    async with system.stack("rush", workers=1) as stack:
+        system.sinks.slow(150, 250)
+        system.sinks.warehouse.flaky_skus.add(FLAKY_SKU)
+        system.sinks.warehouse.poison_skus.add(POISON_SKU)
+        shop = stack.client
+        curve = DrainCurve(system, stack.prefix)
+        sampling = asyncio.create_task(curve.sample(count + refused))
+        began = time.monotonic()
+        placed = await shop.rush(
+            count, customers, body=lambda n: flaky_order() if n % 10 == 0 else None
+        )
+        poisoned = await shop.rush(refused, customers, body=lambda n: refused_order())
+        placing = time.monotonic() - began
+        await asyncio.wait_for(sampling, timeout=600)
+        figures = await stack.finish(
+            injected=f"{count} orders from {customers} customers at once onto one worker, SMTP "
+            "150 ms and warehouse 250 ms, every tenth refused twice first by both; then "
+            f"{refused} orders the warehouse refuses (400)",
+            checked="invariants; no repeated delivery; no call after a 400; no workflow task "
+            "timeout; no 10 s window below half the median while work remains",
+            drain_from=began,
+        )
+        windows = curve.windows()
+        took = sorted(answer.took * 1000 for p in placed + poisoned for answer in p.answers)
+        orders = [p.order_id for p in placed + poisoned if p.order_id]
+        gate = asyncio.Semaphore(16)
+
+        async def timeouts(order_id: str) -> int:
+            async with gate:
+                return await workflow_task_timeouts(system.client, order_id)
+
+        timed_out = sum(await asyncio.gather(*(timeouts(order_id) for order_id in orders)))
+        refused_keys = [effect_key(p.order_id, "notify_warehouse") for p in poisoned if p.order_id]
+        called_again = {
+            key: len(calls)
+            for key in refused_keys
+            if len(calls := system.sinks.warehouse.calls_for(key)) != 1
+        }
+        figures.extra |= {
+            "placed_in_seconds": round(placing, 1),
+            "accepted_ms": {
+                "p50": round(took[len(took) // 2], 1),
+                "p99": round(took[len(took) * 99 // 100], 1),
+            },
+            "settled_per_10s": windows,
+            "workflow_task_timeouts": timed_out,
+            "calls_after_a_400": sum(called_again.values()) - len(called_again),
+        }
+        stack.record(figures)
+    assert figures.receipt_repeats == 0 and figures.webhook_repeats == 0
+    assert not called_again, f"the warehouse heard again of orders it refused: {called_again}"
+    assert timed_out == 0, f"{timed_out} workflow tasks timed out"
+    busy = windows[:-1]
+    assert len(busy) >= 2, windows
+    assert min(busy) >= 0.5 * statistics.median(busy), f"an uneven drain: {windows}"
 
 
 async def test_worker_link_to_temporal_cut(system: System) -> None:
@@ -467,7 +587,6 @@ async def test_worker_link_to_temporal_cut(system: System) -> None:
             "during the cut",
             checked="invariants; the other worker finishes what timed out; the cut-off worker "
             "works again after the cut",
-            repeats_allowed=True,
             drain_from=drain_from,
             extra={
                 "activity_tasks_held_at_cut": held,
@@ -493,9 +612,33 @@ async def holding(system: System, shop: ShopClient, identity: str) -> int:
     return held
 
 
-def identity_of(worker: Service) -> str:
-    """The SDK's default worker identity, which Temporal records on every task it hands out."""
-    return f"{worker.process.pid}@{socket.gethostname()}"
+async def live_claims(system: System, identity: str) -> int:
+    """How many claims the worker with this identity holds now: attempts it is running."""
+    now = datetime.now(UTC)
+    async with system.sessions() as session:
+        held = await session.scalar(
+            select(func.count())
+            .select_from(OrderStep)
+            .where(
+                OrderStep.claimed_by == identity,
+                OrderStep.claim_token.is_not(None),
+                OrderStep.claimed_until > now,
+                OrderStep.status != StepStatus.SUCCEEDED,
+            )
+        )
+    return int(held or 0)
+
+
+async def claims_in_flight(system: System, fault: Fault) -> int:
+    """How many claims the fault interrupted: live on a worker it hit while it hit, and ended
+    without an outcome (taken over once their lease ran out, or given back)."""
+    async with system.sessions() as session:
+        claims = (
+            await session.scalars(
+                select(InterruptedClaim).where(InterruptedClaim.worker.in_(fault.workers))
+            )
+        ).all()
+    return sum(1 for claim in claims if fault.hit(claim))
 
 
 async def activities_held(system: System, order_ids: Iterable[str], identity: str) -> int:
