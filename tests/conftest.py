@@ -40,6 +40,7 @@ from core.settings import Settings
 from devsinks.smtp import MailSink
 from devsinks.warehouse import WarehouseReceiver
 from devsinks.warehouse import create_app as create_sink_app
+from tests.ci import pytest_runtest_makereport  # noqa: F401  (the hook, for this conftest)
 from tests.support import Parker, parking, wait_until
 from worker import create_activities, create_worker
 
