@@ -184,19 +184,28 @@ class WarehouseServer:
     url: str
 
 
-@pytest.fixture(scope="session")
-async def warehouse_server() -> AsyncIterator[WarehouseServer]:
-    """A real HTTP receiver on loopback that verifies signatures and dedupes by key."""
-    receiver = WarehouseReceiver(WEBHOOK_SECRET.encode())
+@asynccontextmanager
+async def serving_warehouse(receiver: WarehouseReceiver) -> AsyncIterator[str]:
+    """`receiver` served by uvicorn on a free loopback port; yields its webhook URL."""
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(create_sink_app(receiver), host="127.0.0.1", port=port, log_level="error")
     )
     serving = asyncio.create_task(server.serve())
-    await wait_until(lambda: server.started, message="warehouse receiver started")
-    yield WarehouseServer(receiver, f"http://127.0.0.1:{port}/webhooks/orders")
-    server.should_exit = True
-    await serving
+    try:
+        await wait_until(lambda: server.started, message="warehouse receiver started")
+        yield f"http://127.0.0.1:{port}/webhooks/orders"
+    finally:
+        server.should_exit = True
+        await serving
+
+
+@pytest.fixture(scope="session")
+async def warehouse_server() -> AsyncIterator[WarehouseServer]:
+    """A real HTTP receiver on loopback that verifies signatures and dedupes by key."""
+    receiver = WarehouseReceiver(WEBHOOK_SECRET.encode())
+    async with serving_warehouse(receiver) as url:
+        yield WarehouseServer(receiver, url)
 
 
 @pytest.fixture
