@@ -11,10 +11,12 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from functools import partial
 from typing import Any
 
 import httpx
+import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
@@ -22,6 +24,7 @@ from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 from temporalio.worker import Replayer
 
 from activities.redrive import RedriveActivities
+from core import redrives
 from core.db import create_engine, create_sessionmaker
 from core.models import DeadLetter, DeadLetterStatus
 from core.redrives import RedriveFilter, SendInput, SendResult, new_redrive_id, start_redrive
@@ -171,6 +174,26 @@ async def test_bulk_retry_is_a_paced_redrive_whose_progress_is_at_its_location(
         assert (await stack.api.get("/dead-letters/redrives/ord_1")).status_code == 422
 
 
+async def test_a_redrive_no_worker_answers_for_is_504_not_a_wait_without_end(
+    settings: Settings, env: WorkflowEnvironment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No worker polls the test's queue: the redrive is started (a workflow nobody runs yet), but
+    its progress and its steering find no one to answer and say so with a 504, once the wait
+    for an answer (ANSWER_TIMEOUT, shortened here) is over."""
+    monkeypatch.setattr(redrives, "ANSWER_TIMEOUT", timedelta(seconds=1))
+    async with api_client(settings) as api:
+        started = await api.post("/dead-letters/retry", json={"per_second": 1})
+        assert started.status_code == 202, started.text
+        location = started.headers["Location"]
+        answers = [await api.get(location)]
+        answers += [await api.post(f"{location}/{command}") for command in ("pause", "cancel")]
+    for answer in answers:
+        assert answer.status_code == 504, answer.text
+        assert "worker" in answer.json()["detail"], answer.text
+    handle = env.client.get_workflow_handle(started.json()["redrive_id"])
+    await handle.terminate("test over: no worker was ever meant to run it")
+
+
 async def test_pause_stops_the_sends_resume_goes_on_and_a_new_api_process_sees_it(
     settings: Settings, own_database: str, env: WorkflowEnvironment, warehouse: WarehouseReceiver
 ) -> None:
@@ -200,12 +223,21 @@ async def test_pause_stops_the_sends_resume_goes_on_and_a_new_api_process_sees_i
 
     # Another API process (its own lifespan and Temporal client) steers the same redrive.
     async with own_stack(settings, own_database, env) as stack:
+        resumed_at = time.time()
         resumed = await stack.api.post(f"{location}/resume")
         assert resumed.status_code == 200 and resumed.json()["state"] == "sending", resumed.text
         final = await wait_for_state(stack.api, location, "finished")
         assert (final["total"], final["sent"], final["resolved"], final["skipped"]) == (6, 6, 6, 0)
         for order_id in orders:
             assert await retry_updates(stack.client, order_id) == 1
+
+    # Seconds behind its schedule after the pause, the redrive does not catch up in a burst:
+    # it starts its schedule afresh at the resume, so the n-th letter left goes out no earlier
+    # than (n-1)/per_second after the first (later, if a send was slow: that is made up for).
+    after = [at for at in accepted_at(warehouse, orders) if at > resumed_at]
+    assert len(after) == len(orders) - frozen >= 2, after
+    since_first = [round(at - after[0], 2) for at in after]
+    assert all(at >= n / 2 - 0.3 for n, at in enumerate(since_first)), since_first
 
 
 async def test_cancel_stops_the_redrive_and_leaves_the_rest_open(
