@@ -9,13 +9,14 @@ from dataclasses import dataclass
 
 import httpx
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from temporalio.testing import WorkflowEnvironment
 
 from core.models import DeadLetter
 from core.settings import Settings
 from devsinks.warehouse import WarehouseReceiver
 from tests.conftest import DevSinksProcess, free_port, installed_binary
 from tests.integration.operator.conftest import OwnStack
-from tests.support import place_order, wait_for_order_status, wait_until
+from tests.support import parked_in_its_workflow, place_order, wait_for_order_status, wait_until
 
 STEP = "notify_warehouse"
 
@@ -182,7 +183,7 @@ async def test_dlq_retry_all_redrives_the_matching_letters(
 
 
 async def test_dlq_retry_all_follow_exits_1_when_letters_were_skipped_and_3_without_temporal(
-    own_stack: OwnStack, warehouse: WarehouseReceiver
+    own_stack: OwnStack, env: WorkflowEnvironment, warehouse: WarehouseReceiver
 ) -> None:
     """docs/redrive.md: --follow's exit code is 1 when letters were skipped (here one an operator
     discarded before the redrive's turn came); Temporal out of reach is 3, as for every command."""
@@ -190,6 +191,8 @@ async def test_dlq_retry_all_follow_exits_1_when_letters_were_skipped_and_3_with
     warehouse.faults.configure(fail_rate=1.0, status=400)
     orders = [await place_order(api) for _ in range(3)]
     letters = [await open_letter(api, order_id) for order_id in orders]
+    for order_id in orders:
+        await parked_in_its_workflow(env.client, order_id, STEP)
     warehouse.faults.reset()
 
     nowhere = settings.model_copy(update={"TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}"})

@@ -25,23 +25,13 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from activities.retry import PERMANENT_ERROR_TYPES, Backoff, database_unavailable, permanent
-from core.contracts import StepPolicy
 from core.settings import Settings
 from tests.support import wait_until
+from tests.unit.test_order_policy import POLICY
 from workflows import order_policy
 from workflows.order_details import describe_failure
 from workflows.order_policy import LOCAL_FIRST_ATTEMPT_RETRY, STEP_FAILURES
 
-POLICY = StepPolicy(
-    max_attempts=5,
-    initial_interval_seconds=1.0,
-    backoff_coefficient=2.0,
-    max_interval_seconds=60.0,
-    attempt_timeout_seconds=10.0,
-    total_timeout_seconds=300.0,
-    park_timeout_seconds=3600.0,
-    first_attempt="local",
-)
 ATTEMPT_TIMEOUT = timedelta(seconds=1)
 RETRY_AFTER_SECONDS = 7
 

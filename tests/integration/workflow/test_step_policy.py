@@ -7,18 +7,20 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
-from core.models import DeadLetterStatus
+from core.models import DeadLetter, DeadLetterStatus
 from core.settings import Settings
 from devsinks.warehouse import WarehouseReceiver
 from tests.conftest import api_client, running_worker
 from tests.support import (
     letter_where,
+    parked_in_its_workflow,
     place_order,
     wait_for_order_status,
     wait_for_workflow_closed,
@@ -46,6 +48,16 @@ async def scheduled_activities(client: Client, order_id: str) -> list[str]:
     ]
 
 
+async def discard_to_the_end(api: httpx.AsyncClient, client: Client, letter: DeadLetter) -> None:
+    """Tidies up: the parked step is discarded, which lets the order's workflow close."""
+    await parked_in_its_workflow(client, letter.order_id, STEP)
+    discarded = await api.post(
+        f"/dead-letters/{letter.id}/discard", json={"reason": "test over", "actor": "test"}
+    )
+    assert discarded.status_code == 200, discarded.text
+    await wait_for_workflow_closed(client, letter.order_id)
+
+
 @pytest.mark.parametrize("first_attempt", ["local", "activity"])
 async def test_one_attempt_parks_a_failed_first_attempt_at_once(
     first_attempt: str,
@@ -70,12 +82,7 @@ async def test_one_attempt_parks_a_failed_first_attempt_at_once(
         order = await wait_for_order_status(api, order_id, "needs_attention")
         letter = await letter_where(sessions, order_id, DeadLetterStatus.OPEN)
         assert letter is not None
-        # Tidy: the parked step is discarded, which also ends the workflow.
-        discarded = await api.post(
-            f"/dead-letters/{letter.id}/discard", json={"reason": "test over", "actor": "test"}
-        )
-        assert discarded.status_code == 200, discarded.text
-        await wait_for_workflow_closed(env.client, order_id)
+        await discard_to_the_end(api, env.client, letter)
 
     assert (letter.step, letter.attempts, letter.permanent) == (STEP, 1, False)
     assert letter.error_type == "WarehouseUnavailable"
@@ -107,6 +114,7 @@ async def test_a_settings_change_does_not_alter_a_running_workflows_policy(
             within=30,
             message="parked under the first worker",
         )
+        await parked_in_its_workflow(env.client, order_id, STEP)
     assert first.attempts == 2
     assert len(warehouse.deliveries_for(order_id)) == 2
 
@@ -122,11 +130,7 @@ async def test_a_settings_change_does_not_alter_a_running_workflows_policy(
         await wait_until(parked_again, within=30, message="parked again after the retry")
         second = await letter_where(sessions, order_id, DeadLetterStatus.OPEN)
         assert second is not None
-        discarded = await api.post(
-            f"/dead-letters/{second.id}/discard", json={"reason": "test over", "actor": "test"}
-        )
-        assert discarded.status_code == 200, discarded.text
-        await wait_for_workflow_closed(env.client, order_id)
+        await discard_to_the_end(api, env.client, second)
 
     assert (second.occurrence, second.attempts) == (2, 2)
     assert [d.answered for d in warehouse.deliveries_for(order_id)] == [503] * 4
