@@ -223,9 +223,12 @@ def settings(
     smtp_server: SmtpSinkServer,
     warehouse_server: WarehouseServer,
 ) -> Settings:
-    """Settings for one test: its own task queue, fast retries, the session's servers."""
+    """Settings for one test: its own task queue, fast retries, the session's servers. The API
+    starts each order's workflow itself (`request`), whatever the shipped default: the test's
+    worker runs no relay, and a test of another start mode says so."""
     return Settings(
         ORDERFLOW_ENV="test",
+        WORKFLOW_START_MODE="request",
         DATABASE_URL=database_url,
         TEMPORAL_ADDRESS=env.client.service_client.config.target_host,
         TEMPORAL_TASK_QUEUE=f"orders-{uuid.uuid4()}",
