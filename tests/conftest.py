@@ -40,6 +40,7 @@ from core.settings import Settings
 from devsinks.smtp import MailSink
 from devsinks.warehouse import WarehouseReceiver
 from devsinks.warehouse import create_app as create_sink_app
+from tests.ci import pytest_runtest_makereport  # noqa: F401  (the hook, for this conftest)
 from tests.support import Parker, parking, wait_until
 from worker import create_activities, create_worker
 
@@ -183,19 +184,28 @@ class WarehouseServer:
     url: str
 
 
-@pytest.fixture(scope="session")
-async def warehouse_server() -> AsyncIterator[WarehouseServer]:
-    """A real HTTP receiver on loopback that verifies signatures and dedupes by key."""
-    receiver = WarehouseReceiver(WEBHOOK_SECRET.encode())
+@asynccontextmanager
+async def serving_warehouse(receiver: WarehouseReceiver) -> AsyncIterator[str]:
+    """`receiver` served by uvicorn on a free loopback port; yields its webhook URL."""
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(create_sink_app(receiver), host="127.0.0.1", port=port, log_level="error")
     )
     serving = asyncio.create_task(server.serve())
-    await wait_until(lambda: server.started, message="warehouse receiver started")
-    yield WarehouseServer(receiver, f"http://127.0.0.1:{port}/webhooks/orders")
-    server.should_exit = True
-    await serving
+    try:
+        await wait_until(lambda: server.started, message="warehouse receiver started")
+        yield f"http://127.0.0.1:{port}/webhooks/orders"
+    finally:
+        server.should_exit = True
+        await serving
+
+
+@pytest.fixture(scope="session")
+async def warehouse_server() -> AsyncIterator[WarehouseServer]:
+    """A real HTTP receiver on loopback that verifies signatures and dedupes by key."""
+    receiver = WarehouseReceiver(WEBHOOK_SECRET.encode())
+    async with serving_warehouse(receiver) as url:
+        yield WarehouseServer(receiver, url)
 
 
 @pytest.fixture
@@ -213,9 +223,12 @@ def settings(
     smtp_server: SmtpSinkServer,
     warehouse_server: WarehouseServer,
 ) -> Settings:
-    """Settings for one test: its own task queue, fast retries, the session's servers."""
+    """Settings for one test: its own task queue, fast retries, the session's servers. The API
+    starts each order's workflow itself (`request`), whatever the shipped default: the test's
+    worker runs no relay, and a test of another start mode says so."""
     return Settings(
         ORDERFLOW_ENV="test",
+        WORKFLOW_START_MODE="request",
         DATABASE_URL=database_url,
         TEMPORAL_ADDRESS=env.client.service_client.config.target_host,
         TEMPORAL_TASK_QUEUE=f"orders-{uuid.uuid4()}",
@@ -228,10 +241,6 @@ def settings(
         RETRY_MAX_INTERVAL_SECONDS=0.2,
         OUTBOX_GRACE_SECONDS=0.5,
         OUTBOX_SWEEP_INTERVAL_SECONDS=0.2,
-        # The API starts the workflow itself: the tests' worker (`running_worker`) runs no
-        # relay. The outbox mode, the shipped one, is tested with real relays: test_outbox.py,
-        # the worker processes of tests/e2e and the system suite.
-        WORKFLOW_START_MODE="request",
     )
 
 

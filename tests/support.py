@@ -20,9 +20,12 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client
 from temporalio.exceptions import ActivityError, RetryState, TimeoutError, TimeoutType
 
+from core.contracts import OrderWorkflowStatus
 from core.dead_letters import CommandRejected, DeadLetterOperator
 from core.models import DeadLetter, DeadLetterStatus, Order
+from core.names import STATUS_QUERY
 from core.payments import ChargeResult, SandboxGateway
+from core.states import StepStatus
 
 DEFAULT_DEADLINE_SECONDS = 20.0
 
@@ -108,6 +111,20 @@ async def wait_for_workflow_closed(client: Client, workflow_id: str, within: flo
     records that step; a test that reads the history waits for the workflow itself to close."""
     async with asyncio.timeout(within):
         await client.get_workflow_handle(workflow_id).result()
+
+
+async def parked_in_its_workflow(client: Client, order_id: str, step: str) -> None:
+    """Waits until the order's workflow itself holds the step parked: the dead letter's row
+    commits a moment before the workflow hears of it, and an operator's retry or discard sent
+    meanwhile is refused ("not dead_lettered")."""
+
+    async def parked() -> bool:
+        status = await client.get_workflow_handle(order_id).query(
+            STATUS_QUERY, result_type=OrderWorkflowStatus
+        )
+        return bool(status.steps[step].status == StepStatus.DEAD_LETTERED)
+
+    await wait_until(parked, within=30, message=f"{step} of {order_id} parked in its workflow")
 
 
 def order_row(email: str, items: list[dict[str, Any]] | None = None) -> Order:

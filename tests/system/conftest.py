@@ -1,7 +1,12 @@
 """The system suite's set-up: one PostgreSQL database (created on the machine's server, dropped
 afterwards), one Temporal dev server on a database file, the SMTP sink and the warehouse
 receiver, all for the session; per scenario, a fresh task queue with two worker processes and
-two API processes, each on links of its own to PostgreSQL and Temporal."""
+two API processes, each on links of its own to PostgreSQL and Temporal.
+
+The session says what it ran for the report (tests/system/report.py): its date and commit, each
+scenario's outcome, or that it was skipped. It is skipped only when nothing listens at the
+PostgreSQL server's address; any other failure to reach it (a refused login, a missing database)
+fails the suite, and with CI set even that skip fails the run (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -26,15 +31,17 @@ from temporalio.client import Client
 
 from core.db import create_engine, create_sessionmaker
 from core.settings import Settings
-from tests.conftest import ROOT, _admin_sql, _migrate, free_port
+from tests.conftest import _admin_sql, _migrate, free_port
 from tests.system.checks import Fault, Figures, check_orders, wait_until_settled
 from tests.system.load import Client as ShopClient
 from tests.system.processes import Process, Service, TemporalServer, api_command, worker_command
+from tests.system.report import FAILED, PASSED, RESULTS, Run
 from tests.system.sinks import Sinks, running_sinks
 from tests.tcp_proxy import TcpProxy
 from tests.worker_processes import worker_environment
 
-RESULTS = ROOT / "test-output" / "system"
+# How the test's call phase ended, for the scenarios it opened.
+CALL_FAILED = pytest.StashKey[bool]()
 SERVER_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
 # What every scenario's processes run with unless it says otherwise: failed attempts are retried
 # within seconds and the relay looks often, so a scenario drains in its time slot. (A scenario
@@ -65,6 +72,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if Path(str(item.fspath)).is_relative_to(here):
             item.add_marker(pytest.mark.system)
+            item.add_marker(pytest.mark.ci_must_run)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.when == "call":
+        item.stash[CALL_FAILED] = report.failed
+    return report
 
 
 @dataclass
@@ -77,6 +95,9 @@ class System:
     client: Client
     sinks: Sinks
     logs: Path
+    run: Run
+    # The scenarios the running test opened a stack for.
+    opened: list[str] = field(default_factory=list)
 
     @asynccontextmanager
     async def stack(
@@ -85,6 +106,7 @@ class System:
         """A scenario's processes on a fresh task queue, with `env` over SUITE_ENV; all killed
         at the end."""
         env = env or {}
+        self.opened.append(name)
         self.sinks.heal()
         stack = Stack(self, name, f"system-{name}-{uuid.uuid4().hex[:8]}", env)
         try:
@@ -270,9 +292,12 @@ def record(name: str, injected: str, checked: str, figures: Figures) -> None:
 
 
 async def _server_reachable(url: Any) -> bool:
+    """False only when nothing listens at the server's address (the connection is refused): the
+    machine has no PostgreSQL. Anything else (a refused login, a missing database, no answer in
+    time) is raised, so the suite fails instead of passing for skipped."""
     try:
         await asyncio.wait_for(_admin_sql(url, "SELECT 1"), 10)
-    except Exception:
+    except ConnectionRefusedError:
         return False
     return True
 
@@ -280,13 +305,23 @@ async def _server_reachable(url: Any) -> bool:
 @pytest.fixture(scope="session")
 async def system() -> AsyncIterator[System]:
     server = make_url(os.environ.get("TEST_DATABASE_URL") or SERVER_URL)
-    if not await _server_reachable(server):
-        pytest.skip(f"system suite skipped: PostgreSQL at {server.host}:{server.port} unreachable")
+    # The report renders this run alone: no figure of an earlier run stays behind, run or not.
+    shutil.rmtree(RESULTS, ignore_errors=True)
+    run = Run.begin()
+    try:
+        reachable = await _server_reachable(server)
+    except Exception as failure:
+        run.setup_failed = f"PostgreSQL at {server.host}:{server.port}: {type(failure).__name__}"
+        run.save()
+        raise
+    if not reachable:
+        run.skipped = f"nothing listens at {server.host}:{server.port} for PostgreSQL"
+        run.save()
+        pytest.skip(f"system suite skipped: {run.skipped}")
+    run.save()
     name = f"orderflow_system_{uuid.uuid4().hex[:12]}"
     await _admin_sql(server, f'CREATE DATABASE "{name}"')
     url = server.set(database=name).render_as_string(hide_password=False)
-    # The table renders this run alone: no figure of an earlier run stays behind.
-    shutil.rmtree(RESULTS, ignore_errors=True)
     logs = RESULTS / "logs"
     logs.mkdir(parents=True)
     temporal = TemporalServer(logs / "temporal.db", logs / "temporal.log")
@@ -295,9 +330,20 @@ async def system() -> AsyncIterator[System]:
         await asyncio.to_thread(_migrate, url)
         client = await temporal.start()
         async with running_sinks() as sinks:
-            yield System(url, create_sessionmaker(engine), temporal, client, sinks, logs)
+            yield System(url, create_sessionmaker(engine), temporal, client, sinks, logs, run)
     finally:
         await engine.dispose()
         await temporal.process.kill()
         await _admin_sql(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         print(f"\nsystem suite logs: {logs}")
+
+
+@pytest.fixture(autouse=True)
+def _scenario_outcomes(request: pytest.FixtureRequest, system: System) -> Iterator[None]:
+    """Records how each scenario the test opened ended, for the report."""
+    system.opened.clear()
+    yield
+    failed = request.node.stash.get(CALL_FAILED, True)
+    for name in system.opened:
+        system.run.outcomes[name] = FAILED if failed else PASSED
+    system.run.save()

@@ -21,9 +21,11 @@ CHROMIUM_ARGS = [
 ]
 
 
-# Playwright drives Debian's Chromium; it never downloads a browser of its own.
+# Playwright drives Debian's Chromium; it never downloads a browser of its own. CI must run
+# these, so there a missing Chromium fails the run (tests/conftest.py).
 BROWSER_TEST = [
     pytest.mark.browser,
+    pytest.mark.ci_must_run,
     pytest.mark.skipif(
         not Path(CHROMIUM).exists(), reason="needs Debian chromium: apt-get install chromium"
     ),

@@ -6,12 +6,16 @@ from __future__ import annotations
 import re
 import subprocess
 
+import pytest
+
 from tests.e2e.deploy.test_dashboard import DEPLOY, known, promql_metric_names, promtool
 
 PROMETHEUS = DEPLOY / "prometheus"
 ALERTS = PROMETHEUS / "alerts.yml"
 ALERTS_TEST = PROMETHEUS / "alerts_test.yml"
 CONFIG = PROMETHEUS / "prometheus.yml"
+# promtool's tests: CI must run them (tests/conftest.py).
+pytestmark = pytest.mark.ci_must_run
 REQUIRED_ALERTS = {
     "OrderflowDeadLettersOpen",
     "OrderflowOutboxStalled",

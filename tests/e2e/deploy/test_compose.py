@@ -66,11 +66,15 @@ TEMPORAL_ENVCONFIG_VARIABLES = {
 }
 
 
+# The tests that run docker-compose: CI must run them (tests/conftest.py).
+NEEDS_COMPOSE = pytest.mark.ci_must_run
+
+
 def docker_compose() -> str:
+    """The docker-compose binary; a test that needs it is marked NEEDS_COMPOSE, so with CI set a
+    missing one fails the run (.ci/run installs the Debian package docker-compose)."""
     binary = shutil.which("docker-compose")
     if binary is None:
-        if os.environ.get("CI"):
-            pytest.fail("docker-compose is missing; .ci/run installs the Debian package")
         pytest.skip("docker-compose is not installed (Debian package docker-compose)")
     return binary
 
@@ -101,10 +105,12 @@ def service(compose: dict[str, Any], name: str) -> dict[str, Any]:
     return found
 
 
+@NEEDS_COMPOSE
 def test_compose_file_validates_and_has_the_production_services(compose: dict[str, Any]) -> None:
     assert set(compose["services"]) == EXPECTED_SERVICES
 
 
+@NEEDS_COMPOSE
 def test_compose_refuses_to_render_without_the_secrets(tmp_path: Path) -> None:
     empty = tmp_path / "empty.env"
     empty.write_text("")
@@ -113,6 +119,7 @@ def test_compose_refuses_to_render_without_the_secrets(tmp_path: Path) -> None:
     assert re.search(r"set [A-Z_]+ in \.env", result.stderr), result.stderr
 
 
+@NEEDS_COMPOSE
 def test_app_services_run_in_production_mode_on_postgresql(compose: dict[str, Any]) -> None:
     for name in APP_SERVICES:
         environment = service(compose, name)["environment"]
@@ -124,6 +131,7 @@ def test_app_services_run_in_production_mode_on_postgresql(compose: dict[str, An
         assert environment["SMTP_HOST"] == "mailpit"
 
 
+@NEEDS_COMPOSE
 def test_every_variable_given_to_the_app_is_one_it_reads(
     compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -164,6 +172,7 @@ def _runtime_files() -> set[str]:
     return files
 
 
+@NEEDS_COMPOSE
 def test_every_command_the_app_services_run_exists(compose: dict[str, Any]) -> None:
     scripts = _console_scripts()
     runtime_files = _runtime_files()
@@ -183,6 +192,7 @@ def test_every_command_the_app_services_run_exists(compose: dict[str, Any]) -> N
             assert {"alembic.ini", "migrations"} <= runtime_files
 
 
+@NEEDS_COMPOSE
 def test_the_migrate_command_migrates_a_database(tmp_path: Path, compose: dict[str, Any]) -> None:
     command: list[str] = service(compose, "migrate")["command"]
     database = tmp_path / "migrated.db"
@@ -198,6 +208,7 @@ def test_the_migrate_command_migrates_a_database(tmp_path: Path, compose: dict[s
     assert "Running upgrade" in result.stderr and database.stat().st_size > 0
 
 
+@NEEDS_COMPOSE
 def test_start_up_order_is_enforced_by_depends_on_conditions(compose: dict[str, Any]) -> None:
     def conditions(name: str) -> dict[str, str]:
         depends: dict[str, dict[str, str]] = service(compose, name).get("depends_on", {})
@@ -218,6 +229,7 @@ def test_start_up_order_is_enforced_by_depends_on_conditions(compose: dict[str, 
                 assert "healthcheck" in service(compose, dependency), dependency
 
 
+@NEEDS_COMPOSE
 def test_two_workers_and_nothing_published_beyond_loopback(compose: dict[str, Any]) -> None:
     assert service(compose, "worker")["deploy"]["replicas"] == 2
     assert "ports" not in service(compose, "postgresql")
@@ -229,6 +241,7 @@ def test_two_workers_and_nothing_published_beyond_loopback(compose: dict[str, An
             assert host_ip == "127.0.0.1", f"{name} publishes {port} beyond the host"
 
 
+@NEEDS_COMPOSE
 def test_mounted_set_up_files_exist_and_scripts_parse(compose: dict[str, Any]) -> None:
     mounted = 0
     for name, spec in compose["services"].items():

@@ -16,6 +16,7 @@ from temporalio.worker import Worker
 from api.intake import request_fingerprint
 from api.schemas import OrderIn
 from core.models import IdempotencyKey, KeyState, Order, PaymentCharge, utcnow
+from core.payments import DECLINING_TOKENS
 from core.settings import Settings
 from devsinks.smtp import MailSink
 from devsinks.warehouse import WarehouseReceiver
@@ -195,15 +196,33 @@ async def test_key_whose_holder_died_is_taken_over_and_charged_once(
     assert await rows_for_key(sessions, key) == {"orders": 1, "charges": 1, "keys": 1}
 
 
+# docs/http-api.md: the sandbox's declining test tokens and the reason each answers with.
+DECLINES = {
+    "tok_declined": "card_declined",
+    "tok_insufficient_funds": "insufficient_funds",
+    "tok_expired": "expired_card",
+}
+
+
+def test_every_declining_token_of_the_sandbox_is_tested() -> None:
+    assert set(DECLINING_TOKENS) == set(DECLINES)
+
+
+@pytest.mark.parametrize(("token", "reason"), DECLINES.items(), ids=DECLINES.keys())
 async def test_declined_card_is_402_with_the_reason_and_replays_under_the_same_key(
-    api: httpx.AsyncClient, env: WorkflowEnvironment, settings: Settings, sessions: Sessions
+    token: str,
+    reason: str,
+    api: httpx.AsyncClient,
+    env: WorkflowEnvironment,
+    settings: Settings,
+    sessions: Sessions,
 ) -> None:
-    body, key = order_body(payment_token="tok_declined"), new_key()
+    body, key = order_body(payment_token=token), new_key()
     declined = await post(api, body, key)
     again = await post(api, body, key)
 
     assert declined.status_code == again.status_code == 402
-    assert "card_declined" in declined.json()["detail"]
+    assert declined.json()["detail"].startswith(f"{reason}: ")
     assert again.json() == declined.json()
     assert await rows_for_key(sessions, key) == {"orders": 0, "charges": 1, "keys": 1}
     # This test's task queue is its own: any workflow on it would be this order's.

@@ -41,6 +41,7 @@ from core.models import (
 )
 from core.outages import is_temporal_outage
 from core.payments import ChargeResult, SandboxGateway
+from core.redrives import new_redrive_id
 from core.relay import run_relay
 from core.settings import Settings
 from core.temporal import start_order_workflow
@@ -49,6 +50,7 @@ from tests.conftest import free_port
 from tests.support import count_rows, new_key, order_body, order_row, wait_until
 from tests.tcp_proxy import TcpProxy, tcp_proxy
 
+REDRIVE_COMMANDS = ("pause", "resume", "cancel")
 needs_postgres = pytest.mark.skipif(
     not os.environ.get("TEST_DATABASE_URL"),
     reason="PostgreSQL only (a TCP link to cut): set TEST_DATABASE_URL",
@@ -416,7 +418,34 @@ async def test_readyz_is_503_with_retry_after_when_temporal_is_unreachable(
     assert body["checks"]["temporal"].startswith("unreachable")
 
 
-async def test_dead_letter_commands_and_cancel_are_503_when_temporal_is_unreachable(
+@needs_postgres
+async def test_readyz_is_503_with_retry_after_while_the_database_is_cut(settings: Settings) -> None:
+    """Readiness follows the database: not ready (so a balancer stops sending orders) while
+    the link is cut, ready again once it is back; Temporal is checked on its own."""
+    async with database_link(settings.DATABASE_URL) as (proxy, url):
+        through = settings.model_copy(update={"DATABASE_URL": url})
+        async with api_through(through) as api:
+            assert (await api.http.get("/readyz")).status_code == 200
+            await proxy.cut()
+            down = await api.http.get("/readyz")
+            alive = await api.http.get("/healthz")
+            await proxy.restore()
+
+            async def ready() -> bool:
+                return (await api.http.get("/readyz")).status_code == 200
+
+            await wait_until(ready, message="ready once the database is back")
+    assert down.status_code == 503, down.text
+    assert int(down.headers["Retry-After"]) >= 1
+    body = down.json()
+    assert body["ready"] is False
+    assert body["checks"]["database"].startswith("unreachable")
+    assert body["checks"]["temporal"] == "ok"
+    # Liveness is the process's own: a database outage must not get the API restarted.
+    assert alive.status_code == 200
+
+
+async def test_dead_letter_commands_redrives_and_cancel_are_503_when_temporal_is_unreachable(
     settings: Settings, sessions: Sessions, caplog: pytest.LogCaptureFixture
 ) -> None:
     letter = await open_dead_letter(sessions)
@@ -428,7 +457,14 @@ async def test_dead_letter_commands_and_cancel_are_503_when_temporal_is_unreacha
                 f"/dead-letters/{letter.id}/discard", json={"reason": "gone"}
             )
             cancel = await api.http.post(f"/orders/{letter.order_id}/cancel")
-    for response in (retry, discard, cancel):
+            # The bulk redrives' endpoints (docs/redrive.md): start, progress and steering.
+            redrive = f"/dead-letters/redrives/{new_redrive_id()}"
+            bulk = [
+                await api.http.post("/dead-letters/retry", json={"per_second": 1}),
+                await api.http.get(redrive),
+                *[await api.http.post(f"{redrive}/{command}") for command in REDRIVE_COMMANDS],
+            ]
+    for response in (retry, discard, cancel, *bulk):
         assert response.status_code == 503, response.text
         assert int(response.headers["Retry-After"]) >= 1
         assert response.json()["dependency"] == "temporal"

@@ -9,13 +9,14 @@ from dataclasses import dataclass
 
 import httpx
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from temporalio.testing import WorkflowEnvironment
 
 from core.models import DeadLetter
 from core.settings import Settings
 from devsinks.warehouse import WarehouseReceiver
 from tests.conftest import DevSinksProcess, free_port, installed_binary
 from tests.integration.operator.conftest import OwnStack
-from tests.support import place_order, wait_for_order_status, wait_until
+from tests.support import parked_in_its_workflow, place_order, wait_for_order_status, wait_until
 
 STEP = "notify_warehouse"
 
@@ -29,6 +30,19 @@ class Run:
 
 async def orderflow(settings: Settings, *args: str, sinks_url: str | None = None) -> Run:
     """Runs the console script without blocking the event loop the worker runs on."""
+    process = await start_orderflow(settings, *args, sinks_url=sinks_url)
+    return await finished(process)
+
+
+async def finished(process: asyncio.subprocess.Process) -> Run:
+    out, err = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode is not None
+    return Run(process.returncode, out.decode(), err.decode())
+
+
+async def start_orderflow(
+    settings: Settings, *args: str, sinks_url: str | None = None
+) -> asyncio.subprocess.Process:
     env = {
         **os.environ,
         "DATABASE_URL": settings.DATABASE_URL,
@@ -39,16 +53,13 @@ async def orderflow(settings: Settings, *args: str, sinks_url: str | None = None
     }
     if sinks_url:
         env["SINKS_URL"] = sinks_url
-    process = await asyncio.create_subprocess_exec(
+    return await asyncio.create_subprocess_exec(
         installed_binary("orderflow"),
         *args,
         env=env,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await asyncio.wait_for(process.communicate(), timeout=60)
-    assert process.returncode is not None
-    return Run(process.returncode, out.decode(), err.decode())
 
 
 async def open_letter(api: httpx.AsyncClient, order_id: str) -> int:
@@ -169,6 +180,50 @@ async def test_dlq_retry_all_redrives_the_matching_letters(
     assert misuse.code == 2 and "--all" in misuse.err
     nothing = await orderflow(settings, "dlq", "retry", "--all")
     assert (nothing.code, nothing.out.strip()) == (0, "no open dead letter matches")
+
+
+async def test_dlq_retry_all_follow_exits_1_when_letters_were_skipped_and_3_without_temporal(
+    own_stack: OwnStack, env: WorkflowEnvironment, warehouse: WarehouseReceiver
+) -> None:
+    """docs/redrive.md: --follow's exit code is 1 when letters were skipped (here one an operator
+    discarded before the redrive's turn came); Temporal out of reach is 3, as for every command."""
+    settings, api = own_stack.settings, own_stack.api
+    warehouse.faults.configure(fail_rate=1.0, status=400)
+    orders = [await place_order(api) for _ in range(3)]
+    letters = [await open_letter(api, order_id) for order_id in orders]
+    for order_id in orders:
+        await parked_in_its_workflow(env.client, order_id, STEP)
+    warehouse.faults.reset()
+
+    nowhere = settings.model_copy(update={"TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}"})
+    down = await orderflow(nowhere, "dlq", "retry", "--all", "--follow")
+    assert down.code == 3 and "cannot reach" in down.err, down
+
+    process = await start_orderflow(
+        settings, "dlq", "retry", "--all", "--step", STEP, "--per-second", "0.5", "--follow"
+    )
+    assert process.stdout is not None
+    first = (await asyncio.wait_for(process.stdout.readline(), timeout=30)).decode()
+    redrive_id = first.split()[1].rstrip(":")
+    location = f"/dead-letters/redrives/{redrive_id}"
+
+    async def letters_taken() -> bool:
+        response = await api.get(location)
+        return response.status_code == 200 and response.json()["state"] != "listing"
+
+    await wait_until(letters_taken, message="the redrive took its letters")
+    # The newest letter's turn is four seconds away at 0.5/s: an operator discards it first.
+    discarded = await api.post(
+        f"/dead-letters/{letters[-1]}/discard", json={"reason": "sold out", "actor": "bob"}
+    )
+    assert discarded.status_code == 200, discarded.text
+    run = await finished(process)
+
+    assert run.code == 1, run
+    assert "sent 2 of 3, resolved 2, failed again 0, skipped 1" in run.err, run.err
+    assert "last skipped" in run.err, run.err
+    for order_id in orders[:-1]:
+        await wait_for_order_status(api, order_id, "completed")
 
 
 async def test_sinks_fault_and_heal_drive_the_dev_sinks(

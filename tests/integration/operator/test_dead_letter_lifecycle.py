@@ -166,6 +166,10 @@ async def test_list_filters_and_pages(
     warehouse.faults.configure(fail_rate=1.0, status=400)
     orders = [await place_order(api) for _ in range(3)]
     ids = [(await wait_for_letters(api, order_id, "open"))[0]["id"] for order_id in orders]
+    # Letters of another cause: the retries spent on 503s.
+    warehouse.faults.configure(fail_rate=1.0, status=503)
+    unavailable = [await place_order(api) for _ in range(2)]
+    other_ids = [(await wait_for_letters(api, o, "open"))[0]["id"] for o in unavailable]
 
     where = {"status": "open", "step": STEP}
     full = (await api.get("/dead-letters", params={**where, "limit": 500})).json()
@@ -181,6 +185,21 @@ async def test_list_filters_and_pages(
     assert all(i["status"] == "open" and i["step"] == STEP for i in full["items"])
     none = await api.get("/dead-letters", params={"status": "open", "step": "send_receipt"})
     assert all(item["order_id"] not in orders for item in none.json()["items"])
+
+    for error_type, expected, others in (
+        ("WarehouseRejected", ids, other_ids),
+        ("WarehouseUnavailable", other_ids, ids),
+    ):
+        page = await api.get(
+            "/dead-letters", params={**where, "error_type": error_type, "limit": 500}
+        )
+        listed = page.json()
+        found = {item["id"] for item in listed["items"]}
+        assert set(expected) <= found and not set(others) & found, (error_type, listed)
+        assert {item["error_type"] for item in listed["items"]} == {error_type}
+        assert listed["total"] == len(found)
+    unknown = await api.get("/dead-letters", params={"error_type": "NoSuchError"})
+    assert unknown.json()["total"] == 0 and unknown.json()["items"] == []
     assert (await api.get("/dead-letters", params={"status": "lost"})).status_code == 422
 
 

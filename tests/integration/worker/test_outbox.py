@@ -12,7 +12,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import (
     Client,
@@ -24,7 +24,8 @@ from temporalio.client import (
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 
-from core.models import WorkflowOutbox
+from core.db import create_engine, create_sessionmaker
+from core.models import WorkflowOutbox, utcnow
 from core.relay import RELAY_CONCURRENCY, relay_once, run_relay, workflow_task_backlog
 from core.settings import Settings
 from core.temporal import connect_temporal
@@ -35,7 +36,9 @@ from tests.support import (
     count_rows,
     new_key,
     order_body,
+    order_row,
     place_order,
+    unique_email,
     wait_for_order_status,
     wait_until,
 )
@@ -430,3 +433,127 @@ async def test_the_relay_leaves_entries_in_the_outbox_while_the_servers_backlog_
     )
     assert backlog_full.started == 0
     assert await count_rows(sessions, WorkflowOutbox, still_pending) == pending - 2
+
+
+async def test_a_start_that_finds_the_workflow_closed_counts_as_started_and_runs_nothing_again(
+    settings: Settings, env: WorkflowEnvironment, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    """An order's workflow that already closed (completed, or terminated by hand) is never run
+    again: a second start (the API died between its start and its mark, so the relay starts it
+    again) finds it under REJECT_DUPLICATE and counts it started."""
+    request = settings.model_copy(update={"WORKFLOW_START_MODE": "request"})
+    async with running_worker(env.client, request, sessions), api_client(request) as api:
+        completed = await place_order(api)
+        await wait_for_order_status(api, completed, "completed")
+        await env.client.get_workflow_handle(completed).result()
+    # No worker from here on: this order's workflow waits until it is terminated.
+    async with api_client(request) as api:
+        terminated = await place_order(api)
+    await env.client.get_workflow_handle(terminated).terminate("an operator's decision")
+
+    closed = {completed: "COMPLETED", terminated: "TERMINATED"}
+    first_runs = {order_id: await runs_of(env.client, order_id) for order_id in closed}
+    async with sessions.begin() as session:
+        await session.execute(
+            update(WorkflowOutbox)
+            .where(WorkflowOutbox.order_id.in_(list(closed)))
+            .values(started_at=None)
+        )
+    recorder = RecordStarts()
+    client = await connect_temporal(settings, interceptors=[recorder])
+    pending = await count_rows(sessions, WorkflowOutbox, WorkflowOutbox.started_at.is_(None))
+
+    await relay_once(
+        sessions, client, settings.TEMPORAL_TASK_QUEUE, grace=timedelta(0), batch=pending
+    )
+
+    for order_id, status in closed.items():
+        assert recorder.workflow_ids.count(order_id) == 1
+        entry = await outbox_entry(sessions, order_id)
+        assert entry is not None and entry.started_at is not None and entry.last_error is None
+        assert await runs_of(env.client, order_id) == first_runs[order_id]
+        [(_, run_status)] = first_runs[order_id]
+        assert run_status == status
+
+
+async def runs_of(client: Client, workflow_id: str) -> list[tuple[str, str]]:
+    """Every run of the workflow ID: (run ID, status)."""
+    return [
+        (execution.run_id, execution.status.name if execution.status else "")
+        async for execution in client.list_workflows(f'WorkflowId = "{workflow_id}"')
+    ]
+
+
+@asynccontextmanager
+async def outbox_of_its_own(own_database: str) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    """A database of the test's own, so the relay sees only the entries the test wrote."""
+    engine = create_engine(Settings(DATABASE_URL=own_database))
+    try:
+        yield create_sessionmaker(engine)
+    finally:
+        await engine.dispose()
+
+
+async def pending_entries(
+    sessions: async_sessionmaker[AsyncSession], start_attempts: list[int]
+) -> list[str]:
+    """Orders whose outbox entries wait, oldest first, with these failed start attempts."""
+    orders = [order_row(unique_email()) for _ in start_attempts]
+    now = utcnow()
+    async with sessions.begin() as session:
+        session.add_all(orders)
+        await session.flush()
+        session.add_all(
+            WorkflowOutbox(
+                order_id=order.id,
+                created_at=now - timedelta(minutes=len(orders) - age),
+                start_attempts=attempts,
+            )
+            for age, (order, attempts) in enumerate(zip(orders, start_attempts, strict=True))
+        )
+    return [order.id for order in orders]
+
+
+async def test_the_relay_starts_the_entries_with_the_fewest_failed_starts_first(
+    settings: Settings, env: WorkflowEnvironment, own_database: str
+) -> None:
+    """An entry whose start keeps failing cannot hold the others back, however old it is."""
+    async with outbox_of_its_own(own_database) as sessions:
+        oldest, middle, newest = await pending_entries(sessions, [5, 0, 1])
+        recorder = RecordStarts()
+        client = await connect_temporal(settings, interceptors=[recorder])
+        for _ in range(3):
+            relayed = await relay_once(
+                sessions, client, settings.TEMPORAL_TASK_QUEUE, grace=timedelta(0), batch=1
+            )
+            assert (relayed.found, relayed.started) == (1, 1)
+    assert recorder.workflow_ids == [middle, newest, oldest]
+
+
+async def test_a_full_batch_is_followed_by_the_next_pass_at_once(
+    settings: Settings, env: WorkflowEnvironment, own_database: str
+) -> None:
+    """Five entries, two a pass, an hour between sweeps: three passes start them all now."""
+    relay = settings.model_copy(
+        update={
+            "WORKFLOW_START_MODE": "request",
+            "OUTBOX_GRACE_SECONDS": 0,
+            "OUTBOX_SWEEP_BATCH": 2,
+            "OUTBOX_SWEEP_INTERVAL_SECONDS": 3600,
+        }
+    )
+    async with outbox_of_its_own(own_database) as sessions:
+        order_ids = await pending_entries(sessions, [0] * 5)
+        stop = asyncio.Event()
+        relaying = asyncio.create_task(run_relay(sessions, env.client, relay, stop=stop))
+        try:
+
+            async def all_started() -> bool:
+                pending = WorkflowOutbox.started_at.is_(None)
+                return await count_rows(sessions, WorkflowOutbox, pending) == 0
+
+            await wait_until(all_started, within=15, message="every entry started")
+        finally:
+            stop.set()
+            await asyncio.wait_for(relaying, 30)
+    assert all([await workflow_exists(env.client, order_id) for order_id in order_ids])

@@ -7,6 +7,7 @@ from dataclasses import replace
 import httpx
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from temporalio.api.enums.v1 import EventType
 from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 from temporalio.worker import Worker
 
@@ -20,8 +21,15 @@ from core.signing import SIGNATURE_HEADER
 from core.states import StepOutcome
 from devsinks.smtp import MailSink
 from devsinks.warehouse import WarehouseReceiver
-from tests.conftest import WEBHOOK_SECRET
-from tests.support import new_key, order_body, place_order, wait_for_order_status, wait_until
+from tests.conftest import WEBHOOK_SECRET, api_client, running_worker
+from tests.support import (
+    new_key,
+    order_body,
+    place_order,
+    wait_for_order_status,
+    wait_for_workflow_closed,
+    wait_until,
+)
 
 
 async def order_status(api: httpx.AsyncClient, order_id: str) -> str:
@@ -70,6 +78,38 @@ async def test_happy_path_sends_one_receipt_and_one_signed_webhook(
         )
         assert charges == 1
     assert SIGNATURE_HEADER and WEBHOOK_SECRET  # the receiver verified with the shared secret
+
+
+async def test_a_first_try_order_costs_nine_events_one_workflow_task_and_no_activity_task(
+    env: WorkflowEnvironment, settings: Settings, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    """What docs/benchmarks.md and docs/capacity.md count on, read from the order's real
+    history: both steps' first attempts run as local activities inside the first workflow task."""
+    local_first = settings.model_copy(
+        update={"WORKFLOW_START_MODE": "request", "STEP_FIRST_ATTEMPT": "local"}
+    )
+    async with running_worker(env.client, local_first, sessions), api_client(local_first) as api:
+        order_id = await place_order(api)
+        await wait_for_order_status(api, order_id, "completed")
+        await wait_for_workflow_closed(env.client, order_id)
+
+    history = await env.client.get_workflow_handle(order_id).fetch_history()
+    kinds = [
+        EventType.Name(event.event_type).removeprefix("EVENT_TYPE_") for event in history.events
+    ]
+    assert kinds == [
+        "WORKFLOW_EXECUTION_STARTED",
+        "WORKFLOW_TASK_SCHEDULED",
+        "WORKFLOW_TASK_STARTED",
+        "WORKFLOW_TASK_COMPLETED",
+        # The policy, then both steps' first attempts: local activities.
+        "MARKER_RECORDED",
+        "MARKER_RECORDED",
+        "MARKER_RECORDED",
+        # OrderStatus: completed.
+        "UPSERT_WORKFLOW_SEARCH_ATTRIBUTES",
+        "WORKFLOW_EXECUTION_COMPLETED",
+    ], kinds
 
 
 async def _is(api: httpx.AsyncClient, order_id: str, status: str) -> bool:
