@@ -149,6 +149,11 @@ def _temporal(stack: Plan, env: Mapping[str, str]) -> None:
     argv += f"--ip {LOOPBACK} --port {grpc} --ui-ip {LOOPBACK} --ui-port {ui_port}".split()
     argv += ["--search-attribute", "OrderStatus=Keyword", "--log-level", "warn"]
     argv += ["--sqlite-pragma", "journal_mode=wal", "--sqlite-pragma", "synchronous=normal"]
+    # Below the API, as the worker is (WORKER_NICENESS): on one machine the dev server's work
+    # is the backlog's, and a customer's request comes first.
+    niceness = int(env.get("WORKER_NICENESS") or _default("WORKER_NICENESS"))
+    if niceness:
+        argv = ["nice", "-n", str(niceness), *argv]
     there = f"TEMPORAL_ADDRESS={address} to use the Temporal server there"
     ports = [
         Port("Temporal dev server", grpc, "TEMPORAL_DEV_PORT", instead=there),
