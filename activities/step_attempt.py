@@ -109,14 +109,15 @@ class StepAttempts(Generic[Prepared]):
         if isinstance(verdict, HeldElsewhere):
             raise step_claimed(self._step, attempt_key(input, attempt), verdict)
         claim = verdict.claim
-        recorded = False
+        recorded = sending = False
         try:
             prepared = self._effect.prepare(verdict.order, claim.token)
             if prepared is None:
                 recorded = True
-                await asyncio.shield(self._ledger.release(input, claim))
+                await asyncio.shield(self._ledger.release(input, claim, sent=False))
                 return StepResult(input.order_id, self._step, StepOutcome.SKIPPED)
             await self._checkpoint(BEFORE_EFFECT)
+            sending = True
             try:
                 with side_effect_timer(self._step):
                     outcome = await self._effect.perform(prepared, attempt)
@@ -153,7 +154,7 @@ class StepAttempts(Generic[Prepared]):
             # longer runs: its claim is given back rather than left to expire. Only a process
             # that dies (or loses its database) leaves a claim to its lease.
             if not recorded:
-                await asyncio.shield(self._ledger.release(input, claim))
+                await asyncio.shield(self._ledger.release(input, claim, sent=sending))
             raise
 
     def _lease(self) -> timedelta:

@@ -80,12 +80,13 @@ class StepLedger:
                 permanent=permanent,
             )
 
-    async def release(self, input: StepInput, claim: Claim) -> None:
-        """Gives the claim back, as far as the database lets it: one that cannot be given back
-        expires with its lease, which only delays the next attempt. Never raises: it runs while
-        another error is on its way out."""
+    async def release(self, input: StepInput, claim: Claim, *, sent: bool) -> None:
+        """Gives the claim back, as far as the database lets it (`sent`: the run may have
+        reached the downstream, so the claim is kept among the interrupted ones). One that
+        cannot be given back expires with its lease, which only delays the next attempt. Never
+        raises: it runs while another error is on its way out."""
         try:
-            await release_claim(self._sessions, input.order_id, self._step, claim)
+            await release_claim(self._sessions, input.order_id, self._step, claim, sent=sent)
         except Exception as failure:
             # The outage itself is said once per burst by whoever met it first.
             level = logging.DEBUG if is_database_outage(failure) else logging.WARNING

@@ -244,9 +244,12 @@ async def release_claim(
     order_id: str,
     step: str,
     claim: Claim,
+    *,
+    sent: bool,
 ) -> None:
-    """Gives the claim back: the attempt's run ended without an outcome to record. Kept among
-    the interrupted claims, unless another attempt took it over already (and kept it)."""
+    """Gives the claim back: the attempt's run ended without an outcome to record. One whose
+    run may have reached the downstream (`sent`) is kept among the interrupted claims, unless
+    another attempt took it over already (and kept it)."""
     now = utcnow()
     async with sessions.begin() as session:
         released = await session.execute(
@@ -254,7 +257,7 @@ async def release_claim(
             {"b_order_id": order_id, "b_step": step, "b_token": claim.token},
             execution_options=NO_SYNC,
         )
-        if _rowcount(released) == 1:
+        if sent and _rowcount(released) == 1:
             await session.execute(
                 KEEP_INTERRUPTED,
                 {
