@@ -36,9 +36,12 @@ $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[bench]'
 	touch $@ $(VENV)/.installed
 
-# The benchmarks of docs/benchmarks.md (10-15 minutes on 2 cores); BENCH_ARGS=--quick smokes.
+# The benchmarks of docs/benchmarks.md (10-15 minutes on 2 cores; BENCH_ARGS=--quick smokes),
+# then the rush of docs/benchmark-notes.md (about 6 minutes; RUSH_ARGS="--database URL" runs it
+# on PostgreSQL).
 bench: $(VENV)/.installed-bench
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m bench $(BENCH_ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m bench.rush $(RUSH_ARGS)
 
 # mypy reads bench/ too, so the bench extra's packages (DBOS, Celery) must be there for their types.
 lint: $(VENV)/.installed-test $(VENV)/.installed-bench

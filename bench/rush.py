@@ -395,11 +395,40 @@ def main() -> None:
         finally:
             rush.stack.close()
             rush.databases.close()
-    text = json.dumps(results, indent=2)
-    print(re.sub(r"\n\s+(\d)", r" \1", text))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    out = args.out or ROOT / ".data" / "bench-rush" / f"rush-{results['database']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(summary(results))
+    print(f"figures: {out}")
+
+
+def summary(results: dict[str, Any]) -> str:
+    """The run in a few lines: what a customer waited, what the worker did with the backlog."""
+    floor = results["floor"]["latency_ms"]
+    lines = [
+        f"rush on {results['database']}, {results['clients']} customers, settings "
+        f"{results['settings'] or 'shipped'}",
+        "| phase | orders | 202 p50 ms | p99 ms | p50 / floor p50 | drain s | settled per 10 s "
+        "| slowest / median window |",
+        "|---|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for name in ("sequential", "rush", "refused", "floor"):
+        phase = results[name]
+        latency = phase["latency_ms"]
+        ratio = round(latency["p50"] / floor["p50"], 2) if name in ("rush", "refused") else ""
+        lines.append(
+            f"| {name} | {sum(phase['answers'].values())} | {latency['p50']} | {latency['p99']} "
+            f"| {ratio} | {phase['drain_seconds'] or ''} | {phase['windows']} "
+            f"| {phase['slowest_window_over_median'] or ''} |"
+        )
+    counts, timeouts = results["counts"], results["task_timeouts"]
+    lines.append(
+        f"receipts delivered more than once {counts['receipts_delivered_more_than_once']}, "
+        f"webhooks taken more than once {counts['webhooks_taken_more_than_once']}, calls after a "
+        f"400 {counts['calls_after_a_refusal']}, workflow task timeouts "
+        f"{timeouts.get('workflow_task_timeouts', 0)}; worker log: {results['worker_log']}"
+    )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
