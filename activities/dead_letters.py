@@ -23,6 +23,8 @@ class DeadLetterActivities:
                 letter = await open_letter(
                     session, input, first_attempt_at=activity.info().scheduled_time
                 )
+                if letter is None:
+                    return DeadLetterResult(0, 0, step_succeeded=True)
                 return DeadLetterResult(letter.id, letter.attempts)
         except IntegrityError:
             # A redelivery of this very activity: the first delivery's row is the answer.

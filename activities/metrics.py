@@ -141,7 +141,8 @@ class _StepMetricsInbound(ActivityInboundInterceptor):
             )
             return result
         result = await super().execute_activity(input)
-        if activity_type == RECORD_DEAD_LETTER_ACTIVITY and input.args:
+        opened = not getattr(result, "step_succeeded", False)
+        if activity_type == RECORD_DEAD_LETTER_ACTIVITY and input.args and opened:
             record_step_attempt(str(getattr(input.args[0], "step", "unknown")), "dead_lettered")
         return result
 

@@ -113,6 +113,8 @@ class DeadLetterInput:
 class DeadLetterResult:
     dead_letter_id: int
     attempts: int
+    # No letter was opened: an attempt that outlived the step's budget had recorded the effect.
+    step_succeeded: bool = False
 
 
 @dataclass(frozen=True)

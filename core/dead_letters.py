@@ -94,12 +94,20 @@ async def get_dead_letter(session: AsyncSession, dead_letter_id: int) -> DeadLet
 
 async def open_letter(
     session: AsyncSession, input: DeadLetterInput, *, first_attempt_at: datetime
-) -> DeadLetter:
+) -> DeadLetter | None:
     """Parks the step: a new occurrence opens, the step becomes `dead_lettered`, and the earlier
-    occurrences are closed as superseded. A repeat of the same occurrence raises IntegrityError."""
-    step = await session.get(OrderStep, (input.order_id, input.step))
+    occurrences are closed as superseded. A repeat of the same occurrence raises IntegrityError.
+
+    None when the step succeeded after all: an attempt that outlived the step's time budget can
+    still have performed and recorded the effect before its dead letter is written, and parking
+    the step then would have a retry perform it again. The step's row is locked first, so a
+    success committing meanwhile is either seen here or waits for the letter (and then resolves
+    it)."""
+    step = await session.get(OrderStep, (input.order_id, input.step), with_for_update=True)
     if step is None:
         raise LookupError(f"order {input.order_id} has no step {input.step}")
+    if step.status == StepStatus.SUCCEEDED:
+        return None
     letter = DeadLetter(
         order_id=input.order_id,
         step=input.step,

@@ -171,6 +171,10 @@ class OrderWorkflow:
                 result = await self._attempts(step, StepInput(self._order_id, redrive_of), policy)
             except STEP_FAILURES as failure:
                 dead_letter_id = await self._dead_letter(step, failure)
+                if dead_letter_id is None:
+                    # An attempt that outlived the budget performed and recorded the effect.
+                    self._set(step, status=StepStatus.SUCCEEDED, dead_letter_id=None)
+                    return
                 command = await self._wait_for_operator(step, dead_letter_id, policy)
                 if command is None:
                     if await self._skipped_by_cancel(step):
@@ -308,7 +312,8 @@ class OrderWorkflow:
         self._set(step, status=StepStatus.SKIPPED)
         return True
 
-    async def _dead_letter(self, step: str, failure: BaseException) -> int:
+    async def _dead_letter(self, step: str, failure: BaseException) -> int | None:
+        """Parks the step; None when the ledger says it succeeded after all (no letter)."""
         error_type, message = describe_failure(failure)
         occurrence = self._steps[step].occurrences + 1
         info = workflow.info()
@@ -328,6 +333,8 @@ class OrderWorkflow:
             retry_policy=BOOKKEEPING_RETRY,
             summary=f"dead-letter {step} of order {self._order_id}",
         )
+        if recorded.step_succeeded:
+            return None
         self._set(
             step,
             status=StepStatus.DEAD_LETTERED,

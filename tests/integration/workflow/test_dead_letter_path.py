@@ -3,17 +3,24 @@ permanent error), visible to the operator in the API and in Temporal, and retrie
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
 import pytest
+from fastapi import Request, Response
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import WorkflowUpdateFailedError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from core.contracts import ORDER_STATUS_ATTRIBUTE, RetryStepInput, StepCommandResult
+from core.ledger import record_success
+from core.models import DeadLetter
 from core.settings import Settings
 from devsinks.warehouse import WarehouseReceiver
+from tests.conftest import WEBHOOK_SECRET, api_client, running_worker, serving_warehouse
 from tests.support import place_order, wait_for_order_status, wait_until
 from workflows.order import OrderWorkflow
 
@@ -173,3 +180,46 @@ async def test_retry_of_an_unknown_dead_letter_is_404(api: httpx.AsyncClient) ->
 
 async def _equals(value: Any, expected: object) -> bool:
     return bool(await value == expected)
+
+
+class LateSuccessWarehouse(WarehouseReceiver):
+    """Refuses every call for good (400), but first records the step succeeded, as an earlier
+    attempt that outlived the step's budget does when it delivers and records just before the
+    step is parked."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        super().__init__(WEBHOOK_SECRET.encode())
+        self.faults.configure(fail_rate=1.0, status=400)
+        self._sessions = sessions
+
+    async def receive(self, request: Request) -> Response:
+        order_id = json.loads(await request.body())["order_id"]
+        async with self._sessions.begin() as session:
+            await record_success(session, order_id, "notify_warehouse", 1, {"http_status": 202})
+        return await super().receive(request)
+
+
+async def test_a_step_that_succeeded_meanwhile_is_not_parked(
+    settings: Settings,
+    env: WorkflowEnvironment,
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    """A step's attempt fails for good while the ledger already says the step succeeded: no dead
+    letter is opened (a retry of it would perform the effect again), and the workflow takes the
+    step as succeeded."""
+    late = LateSuccessWarehouse(sessions)
+    async with serving_warehouse(late) as url:
+        refusing = settings.model_copy(update={"WAREHOUSE_WEBHOOK_URL": url})
+        async with running_worker(env.client, refusing, sessions), api_client(refusing) as api:
+            order_id = await place_order(api)
+            order = await wait_for_order_status(api, order_id, "completed")
+            result = await env.client.get_workflow_handle_for(OrderWorkflow.run, order_id).result()
+
+    assert [d.answered for d in late.deliveries_for(order_id)] == [400]
+    assert {step["status"] for step in order["steps"]} == {"succeeded"}
+    assert str(result.steps["notify_warehouse"].status) == "succeeded"
+    async with sessions() as session:
+        letters = (
+            await session.scalars(select(DeadLetter).where(DeadLetter.order_id == order_id))
+        ).all()
+    assert letters == []
