@@ -60,6 +60,7 @@ with workflow.unsafe.imports_passed_through():
         RIDE_OUT_MIN_WAIT,
         STEP_FAILURES,
         cancelled,
+        claim_held,
         database_down,
         permanent,
         retry_delay,
@@ -75,6 +76,11 @@ STEP_ACTIVITIES: dict[str, Callable[[Any, StepInput], Awaitable[StepResult]]] = 
 # again. Patched: a history in which such a run was dead-lettered by an earlier worker replays as
 # it ran.
 RIDE_OUT_DATABASE_OUTAGES = "ride-out-database-outages"
+# A step's dead letter is a local activity of the workflow task that gave up on it, so a refused
+# order parks with no activity task: under a rush, dead letters written as activity tasks waited
+# behind the new orders' workflow tasks and parked in one late burst. Patched: a history whose
+# dead letter was an activity task replays as it ran.
+DEAD_LETTER_IN_THE_WORKFLOW_TASK = "dead-letter-in-the-workflow-task"
 
 
 @workflow.defn(name=ORDER_WORKFLOW)
@@ -217,12 +223,14 @@ class OrderWorkflow:
                 return await run
             except STEP_FAILURES as failure:
                 down = database_down(failure)
-                if down is None or not workflow.patched(RIDE_OUT_DATABASE_OUTAGES):
+                ended = down or claim_held(failure)
+                if ended is None or not workflow.patched(RIDE_OUT_DATABASE_OUTAGES):
                     raise
-                attempt, wait = down
+                attempt, wait = ended
+            waiting_for = "the database" if down else "another attempt's claim"
             await workflow.sleep(
                 max(wait, RIDE_OUT_MIN_WAIT),
-                summary=f"{step} waits for the database after attempt {attempt}",
+                summary=f"{step} waits for {waiting_for} after attempt {attempt}",
             )
             run = self._activity_attempts(
                 step,
@@ -317,22 +325,33 @@ class OrderWorkflow:
         error_type, message = describe_failure(failure)
         occurrence = self._steps[step].occurrences + 1
         info = workflow.info()
-        recorded = await workflow.execute_activity_method(
-            DeadLetterActivities.record_dead_letter,
-            DeadLetterInput(
-                order_id=self._order_id,
-                step=step,
-                occurrence=occurrence,
-                error_type=error_type,
-                error_message=message,
-                permanent=permanent(failure),
-                workflow_id=info.workflow_id,
-                run_id=info.run_id,
-            ),
-            start_to_close_timeout=BOOKKEEPING_TIMEOUT,
-            retry_policy=BOOKKEEPING_RETRY,
-            summary=f"dead-letter {step} of order {self._order_id}",
+        letter = DeadLetterInput(
+            order_id=self._order_id,
+            step=step,
+            occurrence=occurrence,
+            error_type=error_type,
+            error_message=message,
+            permanent=permanent(failure),
+            workflow_id=info.workflow_id,
+            run_id=info.run_id,
         )
+        summary = f"dead-letter {step} of order {self._order_id}"
+        if workflow.patched(DEAD_LETTER_IN_THE_WORKFLOW_TASK):
+            recorded = await workflow.execute_local_activity_method(
+                DeadLetterActivities.record_dead_letter,
+                letter,
+                start_to_close_timeout=BOOKKEEPING_TIMEOUT,
+                retry_policy=BOOKKEEPING_RETRY,
+                summary=summary,
+            )
+        else:
+            recorded = await workflow.execute_activity_method(
+                DeadLetterActivities.record_dead_letter,
+                letter,
+                start_to_close_timeout=BOOKKEEPING_TIMEOUT,
+                retry_policy=BOOKKEEPING_RETRY,
+                summary=summary,
+            )
         if recorded.step_succeeded:
             return None
         self._set(

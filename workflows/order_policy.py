@@ -20,7 +20,12 @@ from temporalio.exceptions import (
 )
 from temporalio.exceptions import TimeoutError as ActivityTimeoutError
 
-from activities.retry import DATABASE_UNAVAILABLE, PERMANENT_ERROR_TYPES, capped_exponential
+from activities.retry import (
+    DATABASE_UNAVAILABLE,
+    PERMANENT_ERROR_TYPES,
+    STEP_CLAIMED,
+    capped_exponential,
+)
 from core.contracts import StepPolicy
 
 # Reading the policy is a local activity of the first workflow task; it retries until it answers.
@@ -89,10 +94,22 @@ def database_down(failure: BaseException) -> tuple[int, timedelta] | None:
     """(the step attempt that found our own database down, the wait it asked for) when that is
     what ended the run: the last attempt's own failure, or, when the step's time budget ran out
     (a SCHEDULE_TO_CLOSE timeout, whose cause is the last attempt's failure), the last one."""
+    return _ended_by(failure, DATABASE_UNAVAILABLE)
+
+
+def claim_held(failure: BaseException) -> tuple[int, timedelta] | None:
+    """(the step attempt, the wait it asked for) when what ended the run was another attempt's
+    live claim on the step (StepClaimed): that attempt may be performing the effect, or died
+    and left its claim to its lease; either way nothing the downstream said, and the step is
+    waited out like our own database, never parked for it."""
+    return _ended_by(failure, STEP_CLAIMED)
+
+
+def _ended_by(failure: BaseException, error_type: str) -> tuple[int, timedelta] | None:
     cause = failure_cause(failure)
     if isinstance(cause, ActivityTimeoutError) and cause.type == TimeoutType.SCHEDULE_TO_CLOSE:
         cause = cause.cause or cause
-    if not isinstance(cause, ApplicationError) or cause.type != DATABASE_UNAVAILABLE:
+    if not isinstance(cause, ApplicationError) or cause.type != error_type:
         return None
     attempt = cause.details[0] if cause.details else None
     if not isinstance(attempt, int):

@@ -13,7 +13,10 @@ The others were recorded by earlier code and are kept as they are:
 - order_dead_lettered_a_database_outage_before_ride_out.json: a worker whose activities already
   raised DatabaseUnavailable but whose workflow still dead-lettered it (a mixed fleet mid-deploy);
   without the workflow.patched guard it would replay as a ride-out and fail.
-- order_rode_out_a_database_outage.json: its steps were waited out and run again."""
+- order_rode_out_a_database_outage.json: its steps were waited out and run again.
+- *_before_local_dead_letter.json: a step's dead letter written by an activity task, before it
+  was a local activity of the workflow task that gave up (without the workflow.patched guard
+  they would fail to replay)."""
 
 from __future__ import annotations
 
