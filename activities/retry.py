@@ -26,6 +26,10 @@ MIN_RETRY_DELAY_SECONDS = 0.001
 # workflow waits it out). Its details carry the step attempt number, so the workflow can go on
 # counting from there.
 DATABASE_UNAVAILABLE = "DatabaseUnavailable"
+# An attempt that found another attempt's live claim on its step (activities/step_attempt.py):
+# retried once the claim has run out, and never dead-lettered for it either. Its details carry
+# the step attempt number too.
+STEP_CLAIMED = "StepClaimed"
 
 
 LEDGER_OUTAGE_MEANWHILE = "step attempts wait for it, and no step is dead-lettered for it"
@@ -109,6 +113,17 @@ class LedgerOutages:
     def __init__(self, backoff: Backoff, outage: OutageLog | None = None) -> None:
         self._backoff = backoff
         self.outage = outage or OutageLog(DATABASE, log, meanwhile=LEDGER_OUTAGE_MEANWHILE)
+        # Claims whose run ended in this process while the database could not take them back,
+        # with their leases: an attempt here that meets one knows nobody runs it any more.
+        self._left: dict[str, datetime] = {}
+
+    def left_behind(self, token: str, until: datetime) -> None:
+        now = datetime.now(UTC)
+        self._left = {t: end for t, end in self._left.items() if end > now}
+        self._left[token] = until
+
+    def ended_here(self, token: str) -> bool:
+        return token in self._left
 
     @contextmanager
     def guard(self, attempt: int, doing: str, outcome: str | None = None) -> Iterator[None]:

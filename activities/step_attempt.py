@@ -30,6 +30,7 @@ from activities.checkpoint import AFTER_EFFECT, AFTER_RECORD, BEFORE_EFFECT, Che
 from activities.metrics import side_effect_timer
 from activities.retry import (
     MIN_RETRY_DELAY_SECONDS,
+    STEP_CLAIMED,
     Backoff,
     LedgerOutages,
     permanent,
@@ -46,9 +47,6 @@ from core.ledger import (
 )
 from core.models import Order, utcnow
 from core.states import StepOutcome
-
-# A run that found another run of the step holding it: retried once that claim has run out.
-STEP_CLAIMED = "StepClaimed"
 
 Prepared = TypeVar("Prepared")
 _HOST = socket.gethostname()
@@ -107,7 +105,7 @@ class StepAttempts(Generic[Prepared]):
         if isinstance(verdict, AlreadyRecorded):
             raise self._as_recorded(verdict, attempt)
         if isinstance(verdict, HeldElsewhere):
-            raise step_claimed(self._step, attempt_key(input, attempt), verdict)
+            raise step_claimed(self._step, input, attempt, verdict)
         claim = verdict.claim
         recorded = sending = False
         try:
@@ -175,13 +173,18 @@ class StepAttempts(Generic[Prepared]):
         )
 
 
-def step_claimed(step: str, attempt: str, held: HeldElsewhere) -> ApplicationError:
+def step_claimed(
+    step: str, input: StepInput, attempt: int, held: HeldElsewhere
+) -> ApplicationError:
     """Another run holds the step: retried once its claim has run out, by when it has recorded
-    the effect (the retry finds the step done), failed (the retry performs it), or died."""
+    the effect (the retry finds the step done), failed (the retry performs it), or died. Its
+    details carry the step attempt, for the workflow to go on counting from there."""
     wait = max((held.until - utcnow()).total_seconds(), MIN_RETRY_DELAY_SECONDS)
     return ApplicationError(
         f"{step} is held by attempt {held.attempt} (claim {held.token}) until "
-        f"{held.until.isoformat(timespec='seconds')}; attempt {attempt} waits for its outcome",
+        f"{held.until.isoformat(timespec='seconds')}; attempt {attempt_key(input, attempt)} "
+        "waits for its outcome",
+        attempt,
         type=STEP_CLAIMED,
         next_retry_delay=timedelta(seconds=wait),
         category=ApplicationErrorCategory.BENIGN,

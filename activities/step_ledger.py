@@ -41,7 +41,13 @@ class StepLedger:
     async def claim(self, input: StepInput, attempt: int, lease: timedelta) -> ClaimVerdict:
         with self._outages.guard(attempt, "claiming the step"):
             return await claim_step(
-                self._sessions, input, self._step, attempt, lease=lease, worker=self._worker
+                self._sessions,
+                input,
+                self._step,
+                attempt,
+                lease=lease,
+                worker=self._worker,
+                ended=self._outages.ended_here,
             )
 
     async def succeeded(
@@ -88,6 +94,9 @@ class StepLedger:
         try:
             await release_claim(self._sessions, input.order_id, self._step, claim, sent=sent)
         except Exception as failure:
+            # The next attempt in this process takes it over at once; elsewhere it waits out
+            # the lease.
+            self._outages.left_behind(claim.token, claim.until)
             # The outage itself is said once per burst by whoever met it first.
             level = logging.DEBUG if is_database_outage(failure) else logging.WARNING
             log.log(

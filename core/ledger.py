@@ -10,6 +10,7 @@ run cut short) is kept in `interrupted_claims`, the evidence of the one window t
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -195,10 +196,13 @@ async def claim_step(
     *,
     lease: timedelta,
     worker: str,
+    ended: Callable[[str], bool] = lambda _token: False,
 ) -> ClaimVerdict:
     """What every step attempt does first: reads the order and the step (read-only, so on
     SQLite it neither waits for writers nor holds them up), then claims the step for `lease`,
-    or says why it cannot. A redrive's first attempt also marks its dead letter `retrying`."""
+    or says why it cannot. A live claim counts as held unless `ended` knows its run is over
+    (it ended in this process without the database to give it back). A redrive's first attempt
+    also marks its dead letter `retrying`."""
     key = attempt_key(input, attempt)
     for _ in range(CLAIM_ROUNDS):
         async with read_session(sessions) as session:
@@ -210,8 +214,9 @@ async def claim_step(
             return AlreadyRecorded(
                 row.last_error or "", row.last_error_type or "StepFailed", row.last_error_permanent
             )
-        if row.claim_token is not None and row.claimed_until and row.claimed_until > now:
-            return HeldElsewhere(row.claim_attempt, row.claim_token, row.claimed_until)
+        until = row.claimed_until
+        if row.claim_token is not None and until and until > now and not ended(row.claim_token):
+            return HeldElsewhere(row.claim_attempt, row.claim_token, until)
         claim = Claim(uuid.uuid4().hex, key, worker, now, now + lease)
         async with sessions.begin() as session:
             if input.redrive_of is not None and attempt == 1:

@@ -238,9 +238,12 @@ class Stack:
         within: float = 180.0,
         extra: dict[str, Any] | None = None,
         accepted: dict[str, str] | None = None,
+        allowed_5xx: frozenset[int] = frozenset(),
     ) -> Figures:
         """Waits until every order is settled, checks them all and records the figures.
-        `accepted` adds orders the client never heard were accepted (its request died)."""
+        `accepted` adds orders the client never heard were accepted (its request died);
+        `allowed_5xx` the server errors the scenario's fault explains (a 503 while the database
+        is cut): any other the client saw fails the scenario, though it retried it."""
         accepted = {**self.client.accepted(), **(accepted or {})}
         started = drain_from if drain_from is not None else time.monotonic()
         check = partial(
@@ -263,6 +266,12 @@ class Stack:
                 raise AssertionError(f"{unsettled}\n{problems}") from None
             raise
         drained = time.monotonic() - started
+        server_errors = {
+            status: seen
+            for status, seen in self.client.statuses().items()
+            if 500 <= status < 600 and status not in allowed_5xx
+        }
+        assert not server_errors, f"the API answered {server_errors} (retried by the client)"
         figures = await check()
         figures.drain_seconds = round(drained, 1)
         figures.answers = {str(k): v for k, v in sorted(self.client.statuses().items())}

@@ -14,13 +14,14 @@ import pytest
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ApplicationError, CancelledError, RetryState, TimeoutType
 
-from activities.retry import DATABASE_UNAVAILABLE, PERMANENT_ERROR_TYPES, Backoff
+from activities.retry import DATABASE_UNAVAILABLE, PERMANENT_ERROR_TYPES, STEP_CLAIMED, Backoff
 from core.contracts import StepPolicy
 from core.settings import Settings
 from tests.support import activity_error, activity_timeout
 from workflows.order_policy import (
     RIDE_OUT_MIN_WAIT,
     cancelled,
+    claim_held,
     database_down,
     failure_cause,
     permanent,
@@ -297,3 +298,41 @@ def test_which_failures_are_final(failure: BaseException, final: bool) -> None:
 )
 def test_which_failures_are_a_cancellation(failure: BaseException, is_cancel: bool) -> None:
     assert cancelled(failure) is is_cancel
+
+
+# --- claim_held ---------------------------------------------------------------------------------
+
+
+def step_claimed(attempt: object, delay: timedelta | None = None) -> ApplicationError:
+    return ApplicationError(
+        "claimed by another attempt", attempt, type=STEP_CLAIMED, next_retry_delay=delay
+    )
+
+
+@pytest.mark.parametrize(
+    ("failure", "held"),
+    [
+        (step_claimed(2, timedelta(seconds=9)), (2, timedelta(seconds=9))),
+        (activity_error(step_claimed(5, timedelta(seconds=3))), (5, timedelta(seconds=3))),
+        (
+            activity_error(
+                activity_timeout(TimeoutType.SCHEDULE_TO_CLOSE, step_claimed(4)),
+                RetryState.TIMEOUT,
+            ),
+            (4, RIDE_OUT_MIN_WAIT),
+        ),
+    ],
+)
+def test_a_run_another_attempts_claim_ended_is_waited_out(
+    failure: BaseException, held: tuple[int, timedelta]
+) -> None:
+    assert claim_held(failure) == held
+    assert database_down(failure) is None
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [retryable(), database_unavailable(3), step_claimed("2"), asyncio.CancelledError()],
+)
+def test_other_give_ups_are_no_claim(failure: BaseException) -> None:
+    assert claim_held(failure) is None

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.system.report import END, START, Run, write
+from tests.system.report import END, SCENARIOS, START, Run, write
 
 OLD_ROW = (
     "| 1 | Duplicate storm | an old run's storm | old | 1 | 1 (0) | 1 (0) | 0 | 0.0 s | then |"
@@ -55,7 +55,7 @@ def test_a_skipped_suite_reads_not_run_with_its_date_and_commit(doc: Path) -> No
     assert shown.startswith("\n**Not run** on 2026-12-07 10:00 UTC at commit `abc1234567`")
     assert "nothing listens at 127.0.0.1:5432" in shown
     assert "old run" not in shown and "-figures" not in shown
-    assert shown.count("| not run |") == 9
+    assert shown.count("| not run |") == len(SCENARIOS)
     assert doc.read_text().endswith(f"{END}\n\nAfter the table.\n")
 
 
@@ -97,8 +97,8 @@ def test_a_run_names_its_commit_and_shows_only_the_scenarios_that_passed(doc: Pa
 
 
 def test_a_scenario_the_table_does_not_know_yet_is_shown_too(doc: Path) -> None:
-    run = Run("2026-12-07 10:00 UTC", "abc1234567", outcomes={"rush": "passed"})
+    run = Run("2026-12-07 10:00 UTC", "abc1234567", outcomes={"stampede": "passed"})
 
-    write(doc, {"rush": figures("rush", 2000)}, run)
+    write(doc, {"stampede": figures("stampede", 2000)}, run)
 
-    assert "| rush | Rush | rush-figures | invariants | 2000 |" in block(doc)
+    assert "| stampede | Stampede | stampede-figures | invariants | 2000 |" in block(doc)

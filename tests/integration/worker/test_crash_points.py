@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 from pydantic import SecretStr
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio import activity
 from temporalio.api.enums.v1 import EventType
@@ -36,12 +36,12 @@ from activities.checkpoint import (
     CRASH_POINTS,
     Checkpoint,
 )
+from activities.retry import STEP_CLAIMED
 from activities.smtp import SmtpMailer
-from activities.step_attempt import STEP_CLAIMED
 from core.contracts import STEPS
 from core.db import create_engine, create_sessionmaker
 from core.ledger import ATTEMPT_HEADER
-from core.models import InterruptedClaim, OrderStep, StepStatus
+from core.models import DeadLetter, InterruptedClaim, OrderStep, StepStatus
 from core.settings import Settings
 from core.temporal import connect_temporal
 from devsinks.smtp import MailSink
@@ -358,7 +358,7 @@ def hold_once(step: str) -> tuple[Checkpoint, asyncio.Event, asyncio.Event]:
 
 async def refused_for_a_live_claim(client: Client, order_id: str) -> bool:
     """Whether a run of the order's step has failed with StepClaimed: as a pending activity's
-    last failure, or as a local attempt's failure marker in the history."""
+    last failure, a local attempt's failure marker, or the activity's last failure."""
     handle = client.get_workflow_handle(order_id)
     described = (await handle.describe()).raw_description
     for pending in described.pending_activities:
@@ -367,8 +367,13 @@ async def refused_for_a_live_claim(client: Client, order_id: str) -> bool:
     async for event in handle.fetch_history_events():
         if event.HasField("marker_recorded_event_attributes"):
             failure = event.marker_recorded_event_attributes.failure
-            if failure.application_failure_info.type == STEP_CLAIMED:
-                return True
+        elif event.HasField("activity_task_failed_event_attributes"):
+            # The last attempt the step had: its failure ends the activity.
+            failure = event.activity_task_failed_event_attributes.failure
+        else:
+            continue
+        if failure.application_failure_info.type == STEP_CLAIMED:
+            return True
     return False
 
 
@@ -390,9 +395,15 @@ async def test_a_second_run_while_the_first_holds_the_claim_waits_for_its_outcom
     first attempt again; or the activity attempt times out and B runs the next). B finds A's
     live claim and does not perform the effect: it waits for the claim's outcome. A, still
     alive, performs the effect and records it; B's next attempt finds the step done."""
-    # The claim must outlive the workflow task timeout (10 s) for B to meet it live.
+    # The claim must outlive the workflow task timeout (10 s) for B to meet it live. Two
+    # attempts only: one met by a live claim may end the step's attempts, which is no failure
+    # of the step (it is waited out, never parked).
     settings = settings.model_copy(
-        update={"STEP_ATTEMPT_TIMEOUT_SECONDS": 15.0, "STEP_FIRST_ATTEMPT": first_attempt}
+        update={
+            "STEP_ATTEMPT_TIMEOUT_SECONDS": 15.0,
+            "STEP_FIRST_ATTEMPT": first_attempt,
+            "RETRY_MAX_ATTEMPTS": 2,
+        }
     )
     checkpoint, holding, release = hold_once(step)
     server = env.client.service_client.config.target_host
@@ -421,6 +432,11 @@ async def test_a_second_run_while_the_first_holds_the_claim_waits_for_its_outcom
     assert seen.raw_emails == 1
     assert seen.deliveries == 1
     assert seen.accepted == 1
+    async with sessions() as session:
+        letters = await session.scalar(
+            select(func.count()).select_from(DeadLetter).where(DeadLetter.order_id == order_id)
+        )
+    assert letters == 0
     # The run that met the live claim performed nothing; a later one found the step done.
     [(_attempt, outcome)] = seen.outcomes[step]
     assert outcome == "already_done"
