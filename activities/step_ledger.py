@@ -48,6 +48,7 @@ class StepLedger:
                 lease=lease,
                 worker=self._worker,
                 ended=self._outages.ended_here,
+                unanswered=self._outages.left_behind,
             )
 
     async def succeeded(

@@ -197,12 +197,15 @@ async def claim_step(
     lease: timedelta,
     worker: str,
     ended: Callable[[str], bool] = lambda _token: False,
+    unanswered: Callable[[str, datetime], None] = lambda _token, _until: None,
 ) -> ClaimVerdict:
     """What every step attempt does first: reads the order and the step (read-only, so on
     SQLite it neither waits for writers nor holds them up), then claims the step for `lease`,
     or says why it cannot. A live claim counts as held unless `ended` knows its run is over
-    (it ended in this process without the database to give it back). A redrive's first attempt
-    also marks its dead letter `retrying`."""
+    (it ended in this process without the database to give it back). A claim whose write got
+    no answer may have been taken all the same: it is passed to `unanswered` before the error
+    goes on, so that `ended` knows it. A redrive's first attempt also marks its dead letter
+    `retrying`."""
     key = attempt_key(input, attempt)
     for _ in range(CLAIM_ROUNDS):
         async with read_session(sessions) as session:
@@ -218,30 +221,51 @@ async def claim_step(
         if row.claim_token is not None and until and until > now and not ended(row.claim_token):
             return HeldElsewhere(row.claim_attempt, row.claim_token, until)
         claim = Claim(uuid.uuid4().hex, key, worker, now, now + lease)
-        async with sessions.begin() as session:
-            if input.redrive_of is not None and attempt == 1:
-                await mark_retrying(session, input.redrive_of)
-            won = await session.execute(
-                CLAIM_STEP,
-                {
-                    "b_order_id": input.order_id,
-                    "b_step": step,
-                    "b_seen_token": row.claim_token,
-                    "b_token": claim.token,
-                    "b_attempt_key": key,
-                    "b_worker": claim.worker,
-                    "b_now": now,
-                    "b_until": claim.until,
-                },
-                execution_options=NO_SYNC,
-            )
-            if _rowcount(won) == 1:
-                if row.claim_token is not None:
-                    # Its lease ran out without an outcome: it may have sent the effect.
-                    await _keep_interrupted(session, row, ClaimEnd.TAKEN_OVER, now)
-                return Claimed(order, claim)
+        try:
+            won = await _take_claim(sessions, input, step, attempt, row, claim)
+        except Exception:
+            # The commit may have landed with its answer lost on the way back: without this the
+            # claim would hold the step, unknown to anyone, until its lease ran out.
+            unanswered(claim.token, claim.until)
+            raise
+        if won:
+            return Claimed(order, claim)
         # Another attempt wrote the step between the read and the claim: read it again.
     return HeldElsewhere(None, None, utcnow())
+
+
+async def _take_claim(
+    sessions: async_sessionmaker[AsyncSession],
+    input: StepInput,
+    step: str,
+    attempt: int,
+    row: OrderStep,
+    claim: Claim,
+) -> bool:
+    """The compare-and-set of `claim` over the step as `row` read it; whether it won."""
+    async with sessions.begin() as session:
+        if input.redrive_of is not None and attempt == 1:
+            await mark_retrying(session, input.redrive_of)
+        won = await session.execute(
+            CLAIM_STEP,
+            {
+                "b_order_id": input.order_id,
+                "b_step": step,
+                "b_seen_token": row.claim_token,
+                "b_token": claim.token,
+                "b_attempt_key": claim.attempt,
+                "b_worker": claim.worker,
+                "b_now": claim.at,
+                "b_until": claim.until,
+            },
+            execution_options=NO_SYNC,
+        )
+        if _rowcount(won) != 1:
+            return False
+        if row.claim_token is not None:
+            # Its lease ran out without an outcome: it may have sent the effect.
+            await _keep_interrupted(session, row, ClaimEnd.TAKEN_OVER, claim.at)
+        return True
 
 
 async def release_claim(

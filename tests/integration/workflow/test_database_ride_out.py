@@ -33,8 +33,9 @@ from activities.smtp import SmtpMailer
 from activities.warehouse import WarehouseActivities
 from core.contracts import STEPS, StepInput
 from core.db import create_engine, create_sessionmaker
-from core.models import DeadLetter
+from core.models import DeadLetter, OrderStep
 from core.settings import Settings
+from core.states import StepOutcome
 from devsinks.smtp import MailSink
 from devsinks.warehouse import WarehouseReceiver
 from tests.conftest import api_client, free_port, running_worker
@@ -125,6 +126,57 @@ async def test_a_query_that_is_wrong_is_not_an_outage(
         # The database answers; the order does not exist: a bug, not the database being down.
         with pytest.raises(LookupError):
             await ActivityEnvironment().run(warehouse.notify_warehouse, StepInput("no-such-order"))
+
+
+class ClaimAnswerLost:
+    """Sessions whose first write transaction commits and then loses its answer, as a link cut
+    between the database's commit and its reply does."""
+
+    def __init__(self, sessions: Sessions) -> None:
+        self._sessions = sessions
+        self.lost = 0
+
+    def __call__(self) -> AsyncSession:
+        return self._sessions()
+
+    @asynccontextmanager
+    async def begin(self) -> AsyncIterator[AsyncSession]:
+        async with self._sessions.begin() as session:
+            yield session
+        if not self.lost:
+            self.lost += 1
+            raise ConnectionResetError("the link went down before the commit's answer")
+
+
+async def test_a_claim_whose_answer_was_lost_is_taken_over_at_once_by_the_next_attempt(
+    settings: Settings, sessions: Sessions, warehouse: WarehouseReceiver
+) -> None:
+    """The claim landed but its attempt saw an outage: nobody runs it, so the retry in this
+    process performs the step at once instead of waiting out a lease nobody holds."""
+    async with api_client(settings) as api:
+        order_id = await place_order(api)
+    lossy = ClaimAnswerLost(sessions)
+    async with httpx.AsyncClient() as http:
+        steps = WarehouseActivities(
+            lossy,  # type: ignore[arg-type]
+            http,
+            Backoff(settings),
+            settings,
+            outages=LedgerOutages(Backoff(settings)),
+        )
+        with pytest.raises(ApplicationError) as first:
+            await ActivityEnvironment().run(steps.notify_warehouse, StepInput(order_id))
+        assert first.value.type == DATABASE_UNAVAILABLE
+        assert lossy.lost == 1
+        # The claim is on the row, live for the attempt's whole lease.
+        async with sessions() as session:
+            step = await session.get(OrderStep, (order_id, WAREHOUSE))
+            assert step is not None and step.claim_token is not None
+        result = await ActivityEnvironment().run(
+            steps.notify_warehouse, StepInput(order_id, attempt_offset=1)
+        )
+    assert result.outcome == StepOutcome.PERFORMED
+    assert warehouse.accepted_orders().count(order_id) == 1
 
 
 def database_unavailable(attempt: int) -> ApplicationError:
