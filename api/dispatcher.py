@@ -12,6 +12,7 @@ from datetime import timedelta
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client
 
+from core.contracts import StepPolicy
 from core.outages import DATABASE, DATABASE_ERRORS, TEMPORAL, OutageLog, is_database_outage
 from core.outbox import StartMarks
 from core.relay import start_order
@@ -29,9 +30,11 @@ class WorkflowDispatcher:
         *,
         mode: str,
         timeout: timedelta,
+        policy: StepPolicy,
     ) -> None:
         self._client = client
         self._task_queue = task_queue
+        self._policy = policy
         self._mode = mode
         self._timeout = timeout
         self._in_flight: set[asyncio.Task[bool]] = set()
@@ -76,6 +79,7 @@ class WorkflowDispatcher:
                 self._task_queue,
                 self._marks,
                 outage=self._temporal_outage,
+                policy=self._policy,
                 rpc_timeout=self._timeout,
             )
         except DATABASE_ERRORS as failure:

@@ -25,6 +25,7 @@ from core.logging import configure_logging
 from core.metrics import WorkflowStartMetrics
 from core.outages import DATABASE, TEMPORAL, watch_database
 from core.payments import SandboxGateway
+from core.policy import step_policy
 from core.settings import Settings, get_settings
 from core.temporal import connect_temporal
 from core.tracing import Tracing, tracing_from_environment
@@ -60,6 +61,7 @@ def create_app(settings: Settings | None = None, *, tracing: Tracing | None = No
             app_settings.TEMPORAL_TASK_QUEUE,
             mode=app_settings.WORKFLOW_START_MODE,
             timeout=timedelta(seconds=app_settings.WORKFLOW_START_TIMEOUT_SECONDS),
+            policy=step_policy(app_settings),
         )
         app.state.settings = app_settings
         app.state.sessions = sessions

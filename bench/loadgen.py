@@ -139,14 +139,21 @@ async def http_load(
 async def start_load(queue: str, count: int, concurrency: int, deadline: float) -> LoadResult:
     """The Temporal floor: the exact start the API makes (core.temporal.start_order_workflow),
     from a client built the same way, on a queue no worker polls, with no HTTP and no database."""
+    from core.policy import step_policy
     from core.settings import Settings
     from core.temporal import connect_temporal, start_order_workflow
 
-    client = await connect_temporal(Settings())
+    settings = Settings()
+    client = await connect_temporal(settings)
+    policy = step_policy(settings)
 
     async def start(_index: int) -> str:
         await start_order_workflow(
-            client, f"floor_{uuid.uuid4().hex}", queue, rpc_timeout=timedelta(seconds=10)
+            client,
+            f"floor_{uuid.uuid4().hex}",
+            queue,
+            policy=policy,
+            rpc_timeout=timedelta(seconds=10),
         )
         return "started"
 

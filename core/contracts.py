@@ -36,6 +36,9 @@ def overall_status(step_statuses: Iterable[str], *, cancelled: bool = False) -> 
 @dataclass(frozen=True)
 class OrderWorkflowInput:
     order_id: str
+    # The retry policy the order runs under, read once by its starter. None from a starter that
+    # predates it (and in those workflows' histories): the workflow then loads it itself.
+    policy: StepPolicy | None = None
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client
 from temporalio.service import RPCError
 
+from core.contracts import StepPolicy
 from core.models import WorkflowOutbox, utcnow
 from core.outages import (
     DATABASE,
@@ -40,6 +41,7 @@ from core.outages import (
     is_temporal_outage,
 )
 from core.outbox import OutboxMarks, mark_failed, mark_started
+from core.policy import step_policy
 from core.settings import Settings
 from core.temporal import start_order_workflow
 
@@ -63,6 +65,7 @@ async def start_order(
     marks: OutboxMarks,
     *,
     outage: OutageLog,
+    policy: StepPolicy | None = None,
     rpc_timeout: timedelta | None = None,
     eager: bool = False,
 ) -> bool:
@@ -72,7 +75,7 @@ async def start_order(
     counted there, not logged on its own."""
     try:
         await start_order_workflow(
-            client, order_id, task_queue, rpc_timeout=rpc_timeout, eager=eager
+            client, order_id, task_queue, policy=policy, rpc_timeout=rpc_timeout, eager=eager
         )
     except TEMPORAL_CALL_ERRORS as failure:
         if not from_temporal(failure):
@@ -151,6 +154,7 @@ async def relay_once(
     max_backlog: int = 0,
     outage: OutageLog | None = None,
     worker_room: Callable[[], int] | None = None,
+    policy: StepPolicy | None = None,
 ) -> RelayPass:
     """One pass: starts the workflows of up to `batch` entries that nobody confirmed within
     `grace`, and marks them: no more than `worker_room` says this process's worker would take
@@ -168,13 +172,15 @@ async def relay_once(
                 await session.scalars(_pending(grace, batch).with_for_update(skip_locked=True))
             ).all()
             admitted = await _admit(client, task_queue, claimed, max_backlog, room)
-            await _start_in_waves(client, admitted, task_queue, marks, outage, rpc_timeout, eager)
+            await _start_in_waves(
+                client, admitted, task_queue, marks, outage, rpc_timeout, eager, policy
+            )
             await marks.write(session)
             return RelayPass(len(claimed), len(marks.started_ids), len(claimed) - len(admitted))
         order_ids = (await session.scalars(_pending(grace, batch))).all()
 
     admitted = await _admit(client, task_queue, order_ids, max_backlog, room)
-    await _start_in_waves(client, admitted, task_queue, marks, outage, rpc_timeout, eager)
+    await _start_in_waves(client, admitted, task_queue, marks, outage, rpc_timeout, eager, policy)
     if marks.started_ids or marks.errors:
         async with sessions.begin() as session:
             await marks.write(session)
@@ -227,6 +233,7 @@ async def _start_in_waves(
     outage: OutageLog,
     rpc_timeout: timedelta,
     eager: bool,
+    policy: StepPolicy | None,
 ) -> None:
     """Starts the first order alone, then the rest RELAY_CONCURRENCY at a time; stops after the
     first wave in which a start failed: Temporal is most likely unreachable, and every other
@@ -243,6 +250,7 @@ async def _start_in_waves(
                     task_queue,
                     marks,
                     outage=outage,
+                    policy=policy,
                     rpc_timeout=rpc_timeout,
                     eager=eager,
                 )
@@ -285,6 +293,7 @@ async def run_relay(
         else failure_interval
     )
     batch = settings.OUTBOX_SWEEP_BATCH
+    policy = step_policy(settings)
     database = OutageLog(DATABASE, log, meanwhile="the relay backs off until it is back")
     temporal = OutageLog(TEMPORAL, log, meanwhile=TEMPORAL_MEANWHILE)
     while not stop.is_set():
@@ -301,6 +310,7 @@ async def run_relay(
                 outage=temporal,
                 # The safety net's starts are few, and go wherever a worker polls.
                 worker_room=worker_room if outbox_mode else None,
+                policy=policy,
             )
             database.succeeded()
             if relayed.started and grace:  # in outbox mode starting workflows is routine

@@ -20,7 +20,12 @@ from temporalio.envconfig import ClientConfig
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.runtime import Runtime
 
-from core.contracts import ORDER_STATUS_ATTRIBUTE, OrderWorkflowInput, OrderWorkflowStatus
+from core.contracts import (
+    ORDER_STATUS_ATTRIBUTE,
+    OrderWorkflowInput,
+    OrderWorkflowStatus,
+    StepPolicy,
+)
 from core.models import OrderStatus
 from core.names import ORDER_WORKFLOW
 from core.outages import TEMPORAL, DependencyUnavailable
@@ -63,6 +68,7 @@ async def start_order_workflow(
     order_id: str,
     task_queue: str,
     *,
+    policy: StepPolicy | None = None,
     rpc_timeout: timedelta | None = None,
     start_signal: str | None = None,
     start_signal_args: Sequence[Any] = (),
@@ -74,12 +80,13 @@ async def start_order_workflow(
     With `start_signal` it is a signal-with-start: the signal reaches the workflow whether or not
     it was started yet; a closed workflow raises WorkflowAlreadyStartedError (the signal was lost).
     `eager` asks for the first workflow task in the answer; it only helps a client that a worker
-    on `task_queue` also uses.
+    on `task_queue` also uses. `policy` (core/policy.py) travels in the input and spares the
+    workflow loading it; without one, the workflow loads the worker's.
     """
     try:
         return await client.start_workflow(
             ORDER_WORKFLOW,
-            OrderWorkflowInput(order_id),
+            OrderWorkflowInput(order_id, policy),
             id=order_id,
             task_queue=task_queue,
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,

@@ -100,12 +100,14 @@ class OrderWorkflow:
     async def run(self, input: OrderWorkflowInput) -> OrderWorkflowStatus:
         self._order_id = input.order_id
         self._published_status = self._overall()
-        policy = await workflow.execute_local_activity_method(
-            PolicyActivities.load_step_policy,
-            LoadPolicyInput(input.order_id),
-            start_to_close_timeout=POLICY_LOAD_TIMEOUT,
-            retry_policy=POLICY_LOAD_RETRY,
-        )
+        policy = input.policy
+        if policy is None:  # started before the starters passed it: loaded as it was then
+            policy = await workflow.execute_local_activity_method(
+                PolicyActivities.load_step_policy,
+                LoadPolicyInput(input.order_id),
+                start_to_close_timeout=POLICY_LOAD_TIMEOUT,
+                retry_policy=POLICY_LOAD_RETRY,
+            )
         canceller = asyncio.create_task(self._record_cancel())
         await asyncio.gather(*(self._run_step(step, policy) for step in STEPS))
         self._steps_done = True

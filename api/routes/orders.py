@@ -32,6 +32,7 @@ from core.contracts import CancelRequest
 from core.db import read_session
 from core.models import OrderStatus
 from core.names import CANCEL_SIGNAL
+from core.policy import step_policy
 from core.temporal import start_order_workflow
 
 router = APIRouter(
@@ -128,6 +129,7 @@ async def cancel_order(
             temporal,
             order_id,
             settings.TEMPORAL_TASK_QUEUE,
+            policy=step_policy(settings),
             start_signal=CANCEL_SIGNAL,
             start_signal_args=[CancelRequest(actor="api")],
         )

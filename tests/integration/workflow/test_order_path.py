@@ -8,14 +8,16 @@ import httpx
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.api.enums.v1 import EventType
+from temporalio.converter import DataConverter
 from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 from temporalio.worker import Worker
 
 from activities.receipt import ReceiptActivities
 from activities.retry import Backoff
 from activities.smtp import SmtpMailer
-from core.contracts import StepInput, StepResult
+from core.contracts import OrderWorkflowInput, StepInput, StepResult
 from core.models import Order, PaymentCharge
+from core.policy import step_policy
 from core.settings import Settings
 from core.signing import SIGNATURE_HEADER
 from core.states import StepOutcome
@@ -80,11 +82,12 @@ async def test_happy_path_sends_one_receipt_and_one_signed_webhook(
     assert SIGNATURE_HEADER and WEBHOOK_SECRET  # the receiver verified with the shared secret
 
 
-async def test_a_first_try_order_costs_nine_events_one_workflow_task_and_no_activity_task(
+async def test_a_first_try_order_costs_eight_events_one_workflow_task_and_no_activity_task(
     env: WorkflowEnvironment, settings: Settings, sessions: async_sessionmaker[AsyncSession]
 ) -> None:
     """What docs/benchmarks.md and docs/capacity.md count on, read from the order's real
-    history: both steps' first attempts run as local activities inside the first workflow task."""
+    history: the policy arrives in the input, and both steps' first attempts run as local
+    activities inside the first workflow task."""
     local_first = settings.model_copy(
         update={"WORKFLOW_START_MODE": "request", "STEP_FIRST_ATTEMPT": "local"}
     )
@@ -102,14 +105,16 @@ async def test_a_first_try_order_costs_nine_events_one_workflow_task_and_no_acti
         "WORKFLOW_TASK_SCHEDULED",
         "WORKFLOW_TASK_STARTED",
         "WORKFLOW_TASK_COMPLETED",
-        # The policy, then both steps' first attempts: local activities.
-        "MARKER_RECORDED",
+        # Both steps' first attempts: local activities.
         "MARKER_RECORDED",
         "MARKER_RECORDED",
         # OrderStatus: completed.
         "UPSERT_WORKFLOW_SEARCH_ATTRIBUTES",
         "WORKFLOW_EXECUTION_COMPLETED",
     ], kinds
+    started = history.events[0].workflow_execution_started_event_attributes
+    (carried,) = await DataConverter.default.decode(started.input.payloads, [OrderWorkflowInput])
+    assert carried == OrderWorkflowInput(order_id, step_policy(local_first))
 
 
 async def _is(api: httpx.AsyncClient, order_id: str, status: str) -> bool:

@@ -16,7 +16,10 @@ The others were recorded by earlier code and are kept as they are:
 - order_rode_out_a_database_outage.json: its steps were waited out and run again.
 - *_before_local_dead_letter.json: a step's dead letter written by an activity task, before it
   was a local activity of the workflow task that gave up (without the workflow.patched guard
-  they would fail to replay)."""
+  they would fail to replay).
+- *_before_policy_input.json: the retry policy loaded by the workflow's first local activity,
+  before the starters passed it in the input (a workflow with no policy in its input still
+  loads it, so they replay)."""
 
 from __future__ import annotations
 
