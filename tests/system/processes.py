@@ -154,7 +154,9 @@ class Service:
         assert self.http_port is not None
         return f"http://127.0.0.1:{self.http_port}"
 
-    async def ready(self) -> None:
+    async def ready(self, *, probe: str = "/healthz") -> None:
+        """Waits until the process serves: a worker polls its task queue; an API answers 200
+        on `probe` (`/readyz` also needs its database and Temporal reachable)."""
         if self.http_port is None:
             # The worker logs this line once it polls the task queue.
             def polling() -> bool:
@@ -170,12 +172,12 @@ class Service:
             assert self.process.running, self.process.output()[-3000:]
             try:
                 async with httpx.AsyncClient() as http:
-                    return (await http.get(f"{self.url}/healthz")).status_code == 200
+                    return (await http.get(f"{self.url}{probe}")).status_code == 200
             except httpx.HTTPError:
                 return False
 
         await wait_until(
-            serving, within=STARTUP_SECONDS, interval=0.1, message=f"{self.name} serving"
+            serving, within=STARTUP_SECONDS, interval=0.1, message=f"{self.name} {probe} 200"
         )
 
     async def restart(self) -> None:
