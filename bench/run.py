@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -66,6 +66,7 @@ ORDERFLOW_TABLES = (
     "dead_letters",
 )
 HISTORY_SAMPLE = 20
+E2E_SYSTEMS = ("bare_workflow", "bare_local_first", "orderflow", "celery", "dbos", "orderflow_2w")
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,8 @@ class Bench:
         self.databases = databases
         self.profile = profile
         self.overrides: dict[str, str] = {}
+        # Which systems the end-to-end phase runs (all of E2E_SYSTEMS unless --systems).
+        self.systems: tuple[str, ...] = E2E_SYSTEMS
         if profile:
             PROFILES.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
@@ -417,12 +420,18 @@ class Bench:
     def e2e(self) -> None:
         print("== 2. end-to-end throughput", flush=True)
         for n in self.sizes.bursts:
-            self.bare_burst(n, BARE_WORKFLOW, "bare_workflow")
-            self.bare_burst(n, BARE_LOCAL_FIRST_WORKFLOW, "bare_local_first")
-            self.orderflow_burst(n, workers=1)
-            self.peer_burst(n)
-            self.dbos_burst(n)
-        self.orderflow_burst(self.sizes.two_worker_burst, workers=2)
+            if "bare_workflow" in self.systems:
+                self.bare_burst(n, BARE_WORKFLOW, "bare_workflow")
+            if "bare_local_first" in self.systems:
+                self.bare_burst(n, BARE_LOCAL_FIRST_WORKFLOW, "bare_local_first")
+            if "orderflow" in self.systems:
+                self.orderflow_burst(n, workers=1)
+            if "celery" in self.systems:
+                self.peer_burst(n)
+            if "dbos" in self.systems:
+                self.dbos_burst(n)
+        if "orderflow_2w" in self.systems:
+            self.orderflow_burst(self.sizes.two_worker_burst, workers=2)
 
     def start_worker(self, name: str, env: dict[str, str]) -> Proc:
         # Metrics stay on, as in production, each worker on a port of its own.
@@ -867,6 +876,19 @@ def main() -> None:
         metavar="NAME=VALUE",
         help="a setting for every orderflow process (e.g. WORKER_MAX_CONCURRENT_ACTIVITIES=8)",
     )
+    parser.add_argument(
+        "--bursts",
+        nargs="+",
+        type=int,
+        help="the end-to-end burst sizes (default 200 500 1000; the two-worker burst is the "
+        "largest's half)",
+    )
+    parser.add_argument(
+        "--systems",
+        nargs="+",
+        choices=E2E_SYSTEMS,
+        help="the systems the end-to-end phase runs, for an A/B of one change (default: all)",
+    )
     parser.add_argument("--label", default="", help="a line the report shows under its title")
     parser.add_argument(
         "--database",
@@ -886,6 +908,8 @@ def main() -> None:
     args.out = args.out or report_dir(bool(args.database))
 
     sizes = Sizes.quick() if args.quick else Sizes.full()
+    if args.bursts:
+        sizes = replace(sizes, bursts=tuple(args.bursts), two_worker_burst=max(args.bursts) // 2)
     began = time.monotonic()
     with (
         tempfile.TemporaryDirectory(prefix="orderflow-bench-") as tmp,
@@ -893,6 +917,7 @@ def main() -> None:
     ):
         bench = Bench(sizes, Path(tmp), args.e2e_mode, databases, args.profile)
         bench.overrides = dict(item.split("=", 1) for item in args.set)
+        bench.systems = tuple(args.systems or E2E_SYSTEMS)
         bench.results.overrides = bench.overrides
         print(json.dumps(bench.results.machine, indent=2), flush=True)
         print(f"database: {databases.info['description']}", flush=True)
