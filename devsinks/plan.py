@@ -1,6 +1,7 @@
 """What `make run` starts, read from the environment: a stand-in for every server you have not
-named (the Temporal dev server, the SMTP sink, the warehouse receiver) plus the worker and the
-API, the ports each binds and the variable that moves each, and the servers of yours it uses.
+named (the Temporal dev server, the SMTP sink, the warehouse receiver) plus WORKER_PROCESSES
+workers and the API, the ports each binds and the variable that moves each, and the servers of
+yours it uses.
 
 Naming a server is how you say it is yours: TEMPORAL_ADDRESS (or a Temporal profile that has an
 address), SMTP_HOST / SMTP_PORT, WAREHOUSE_WEBHOOK_URL. Anything not named gets its stand-in."""
@@ -8,11 +9,13 @@ address), SMTP_HOST / SMTP_PORT, WAREHOUSE_WEBHOOK_URL. Anything not named gets 
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
+from pydantic import ValidationError, create_model
 from sqlalchemy import make_url
 from temporalio.envconfig import ClientConfig
 
@@ -29,7 +32,22 @@ class PlanError(Exception):
 
 
 def _default(name: str) -> str:
-    return str(Settings.model_fields[name].default)
+    return str(Settings.model_fields[name].get_default(call_default_factory=True))
+
+
+def _setting(env: Mapping[str, str], name: str) -> Any:
+    """The setting as the services will read it, with its type and bounds from Settings: a value
+    they would refuse at start is refused here, before anything starts."""
+    if name not in env:
+        return Settings.model_fields[name].get_default(call_default_factory=True)
+    known = Settings.model_fields[name]
+    definition: Any = (known.annotation, known)
+    alone = create_model(f"Setting{name}", **{name: definition})
+    try:
+        return getattr(alone.model_validate({name: env[name]}), name)
+    except ValidationError as bad:
+        reason = bad.errors()[0]["msg"]
+        raise PlanError(f"{name}={env[name]!r}: {reason}") from None
 
 
 def _url_port(url: str) -> int:
@@ -62,6 +80,8 @@ class Service:
     title: str
     argv: list[str]
     ports: list[Port]
+    # Its own values over the plan's environment (each worker's metrics address).
+    env: dict[str, str] = field(default_factory=dict)
     # How long it may take to be ready, and to stop after SIGTERM before it is killed.
     start_seconds: float = 60.0
     stop_seconds: float = 15.0
@@ -107,9 +127,12 @@ def _host_port(value: str, name: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def plan(env: Mapping[str, str], python: str = sys.executable) -> Plan:
+def plan(
+    env: Mapping[str, str], python: str = sys.executable, *, gave_way: Collection[Port] = ()
+) -> Plan:
     """The stack for this environment. Its `env` is what the children get: this environment
-    plus the address of each stand-in, so the worker and the API talk to what was started."""
+    plus the address of each stand-in, so the workers and the API talk to what was started.
+    `gave_way` are optional ports found taken: their services start without them."""
     data_dir = Path(env.get("ORDERFLOW_DATA_DIR") or ".data")
     stack = Plan(
         data_dir, {**env, "SINKS_DATA_DIR": env.get("SINKS_DATA_DIR") or str(data_dir)}, []
@@ -124,7 +147,7 @@ def plan(env: Mapping[str, str], python: str = sys.executable) -> Plan:
     ]
     _temporal(stack, env)
     _sinks(stack, env, python)
-    _worker(stack, env, python)
+    _workers(stack, env, python, gave_way)
     argv = [python, "-m", "uvicorn", "api.main:app", "--log-level", "warning"]
     argv += ["--host", LOOPBACK, "--port", str(api_port)]
     ports = [Port("API", api_port, "API_PORT")]
@@ -216,16 +239,18 @@ def _sinks(stack: Plan, env: Mapping[str, str], python: str) -> None:
     stack.summary.append(("Sink faults", faults))
 
 
-def _worker(stack: Plan, env: Mapping[str, str], python: str) -> None:
+def _workers(stack: Plan, env: Mapping[str, str], python: str, gave_way: Collection[Port]) -> None:
+    """WORKER_PROCESSES workers: `worker` alone, or `worker-1`..`worker-N` (their logs too), the
+    metrics of worker i on the port of WORKER_METRICS_ADDRESS + i - 1, since two processes
+    cannot serve one."""
+    count: int = _setting(env, "WORKER_PROCESSES")
     metrics = env.get("WORKER_METRICS_ADDRESS", _default("WORKER_METRICS_ADDRESS"))
-    ports: list[Port] = []
-    if metrics:
-        host, port = _host_port(metrics, "WORKER_METRICS_ADDRESS")
-        off = "WORKER_METRICS_ADDRESS= (empty) to turn them off"
-        # Only the default gives way when taken; an address you set is one you want.
-        optional = "WORKER_METRICS_ADDRESS" not in env
-        ports.append(Port("worker metrics", port, "WORKER_METRICS_ADDRESS", off, optional, host))
-        stack.summary.append(("Worker metrics", f"http://{metrics}/metrics"))
+    host, base = _host_port(metrics, "WORKER_METRICS_ADDRESS") if metrics else ("", 0)
+    if metrics and base + count - 1 > 65535:
+        raise PlanError(
+            f"WORKER_METRICS_ADDRESS={metrics!r} leaves no port for each of the "
+            f"WORKER_PROCESSES={count} workers: the last would be {base + count - 1}"
+        )
     try:
         graceful = float(
             env.get("WORKER_GRACEFUL_SHUTDOWN_SECONDS")
@@ -233,14 +258,38 @@ def _worker(stack: Plan, env: Mapping[str, str], python: str) -> None:
         )
     except ValueError as bad:
         raise PlanError(f"WORKER_GRACEFUL_SHUTDOWN_SECONDS: {bad}") from None
-    stack.services.append(
-        Service(
-            "worker",
-            "worker",
-            [python, "worker.py"],
-            ports,
-            ready_line=WORKER_READY_LINE,
-            # Running activities get their grace period, the outbox sweep in progress its own.
-            stop_seconds=graceful + 20,
+    served: list[str] = []
+    for number in range(1, count + 1):
+        name, title = (
+            ("worker", "worker") if count == 1 else (f"worker-{number}", f"worker {number}")
         )
-    )
+        ports: list[Port] = []
+        address = ""
+        if metrics:
+            off = "WORKER_METRICS_ADDRESS= (empty) to turn them off"
+            # Only the default gives way when taken; an address you set is one you want.
+            optional = "WORKER_METRICS_ADDRESS" not in env
+            port = Port(
+                f"{title} metrics", base + number - 1, "WORKER_METRICS_ADDRESS", off, optional, host
+            )
+            if port not in gave_way:
+                ports.append(port)
+                address = port.address
+                served.append(f"http://{address}/metrics")
+        stack.services.append(
+            Service(
+                name,
+                title,
+                [python, "worker.py"],
+                ports,
+                env={"WORKER_METRICS_ADDRESS": address},
+                ready_line=WORKER_READY_LINE,
+                # Running activities get their grace period, the outbox sweep in progress its own.
+                stop_seconds=graceful + 20,
+            )
+        )
+    processes = "1 process" if count == 1 else f"{count} processes"
+    logs = ", ".join(stack.log_of(service).name for service in stack.services[-count:])
+    stack.summary.append(("Workers", f"{processes} (WORKER_PROCESSES), logs {logs}"))
+    if served:
+        stack.summary.append(("Worker metrics", ", ".join(served)))

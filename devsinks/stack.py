@@ -135,8 +135,7 @@ def main(out: TextIO = sys.stdout) -> int:
         stack = plan(env)
         problems, gave_way = check_ports(stack)
         if gave_way:
-            env.update({port.variable: "" for port in gave_way})
-            stack = plan(env)
+            stack = plan(env, gave_way=gave_way)
     except PlanError as bad:
         print(f"make run cannot start: {bad}", file=out)
         return 2

@@ -96,7 +96,7 @@ class Supervisor:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=output,
                 stderr=asyncio.subprocess.STDOUT,
-                env=self.plan.env,
+                env={**self.plan.env, **service.env},
                 # Its own process group: a Ctrl-C reaches the stack alone, which then stops the
                 # services in order (the worker finishes its activities while Temporal is up).
                 process_group=0,

@@ -242,6 +242,20 @@ def test_two_workers_and_nothing_published_beyond_loopback(compose: dict[str, An
 
 
 @NEEDS_COMPOSE
+def test_worker_replicas_follow_worker_processes(tmp_path: Path) -> None:
+    env_file = tmp_path / "three-workers.env"
+    env_file.write_text(f"{ENV_EXAMPLE.read_text()}\nWORKER_PROCESSES=3\n")
+    result = run_compose_config(env_file)
+    assert result.returncode == 0, result.stderr
+    rendered: dict[str, Any] = yaml.safe_load(result.stdout)
+    assert service(rendered, "worker")["deploy"]["replicas"] == 3
+    # Every app service reads it too, so a count below 1 stops the stack at migrate instead of
+    # running no worker.
+    for name in APP_SERVICES:
+        assert service(rendered, name)["environment"]["WORKER_PROCESSES"] == "3"
+
+
+@NEEDS_COMPOSE
 def test_mounted_set_up_files_exist_and_scripts_parse(compose: dict[str, Any]) -> None:
     mounted = 0
     for name, spec in compose["services"].items():

@@ -19,7 +19,9 @@ import pytest
 from temporalio.testing import WorkflowEnvironment
 
 from core.settings import Settings
+from devsinks.plan import WORKER_READY_LINE, Port
 from devsinks.smtp import MailSink
+from devsinks.stack import is_free
 from devsinks.warehouse import WarehouseReceiver
 from tests.conftest import (
     ROOT,
@@ -64,6 +66,8 @@ def stack_env(data_dir: Path, **values: str) -> dict[str, str]:
         **dict(zip(STACK_PORTS, ports, strict=True)),
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
         "WORKER_METRICS_ADDRESS": f"127.0.0.1:{metrics}",
+        # One worker, whatever the machine's cores would choose: the tests name its process.
+        "WORKER_PROCESSES": "1",
         # The marker every process of this stack inherits; see stack_processes.
         "ORDERFLOW_DATA_DIR": str(data_dir),
         # No profile of the developer's may name a Temporal server.
@@ -71,6 +75,17 @@ def stack_env(data_dir: Path, **values: str) -> dict[str, str]:
         "WEBHOOK_SIGNING_SECRET": WEBHOOK_SECRET,
         **values,
     }
+
+
+def free_port_run(count: int) -> int:
+    """The first of `count` consecutive ports free on loopback (worker i serves metrics on the
+    first + i - 1)."""
+    while True:
+        first = free_port()
+        if first + count <= 65536 and all(
+            is_free(Port("probe", port, "")) for port in range(first, first + count)
+        ):
+            return first
 
 
 def stack_processes(data_dir: Path) -> list[tuple[int, str]]:
@@ -262,4 +277,38 @@ async def test_make_run_on_your_temporal_names_the_process_that_died(
         )
         assert "worker polling task queue" in stack.output  # the log's last lines, shown
         assert "orderflow: stopping API, SMTP sink and warehouse receiver" in stack.output
+        await no_stack_processes_left(data)
+
+
+@pytest.mark.slow
+async def test_make_run_starts_worker_processes_each_polling_with_its_log_and_metrics(
+    tmp_path: Path, own_database: str
+) -> None:
+    data = tmp_path / "data"
+    metrics = free_port_run(2)
+    env = stack_env(
+        data,
+        WORKER_PROCESSES="2",
+        WORKER_METRICS_ADDRESS=f"127.0.0.1:{metrics}",
+        DATABASE_URL=own_database,
+    )
+    async with running(["bash", "scripts/run-dev.sh"], env) as stack:
+        await stack.wait_for("orderflow is running")
+        assert "worker 1, worker 2, API (data in" in stack.output
+        assert re.search(
+            r"Workers +2 processes \(WORKER_PROCESSES\), logs worker-1\.log, worker-2\.log",
+            stack.output,
+        )
+        workers = [pid for pid, command in stack_processes(data) if command.endswith("worker.py ")]
+        assert len(workers) == 2
+        async with httpx.AsyncClient() as http:
+            for number, port in ((1, metrics), (2, metrics + 1)):
+                # Each was ready only once it logged that it polls (the stack waits for it).
+                assert WORKER_READY_LINE in (data / "logs" / f"worker-{number}.log").read_text()
+                served = await http.get(f"http://127.0.0.1:{port}/metrics")
+                assert served.status_code == 200, port
+
+        os.killpg(stack.process.pid, signal.SIGINT)
+        assert await stack.exited(within=90) == 0, stack.output
+        assert "orderflow: stopping API, worker 2, worker 1, " in stack.output
         await no_stack_processes_left(data)
