@@ -1,6 +1,7 @@
 """The per-step ledger every side effect shares. An attempt **claims** its step before the
-effect: it reads the step (no lock), and if the step is not done, its outcome not on record and
-no other attempt's claim live, it takes the claim with one compare-and-set write; it performs
+effect with one compare-and-set write, which wins only if the step is not done, its outcome not
+on record and no other attempt's claim live (the step is read first only when that write finds
+it otherwise, to say why or to take over an expired claim); it performs
 the effect only while holding the claim, and records what the downstream said after it. A claim
 is a lease (the attempt's start-to-close timeout plus a margin): a claim whose holder died is
 taken over once its lease has run out, so at-least-once holds after a crash. The claim stays on
@@ -25,8 +26,6 @@ from core.models import InterruptedClaim, Order, OrderStep, StepStatus, utcnow
 from core.order_status import refresh_order_status
 from core.states import ClaimEnd
 
-# For bulk UPDATEs whose rows no object in the session holds: skips matching them in Python.
-NO_SYNC = {"synchronize_session": False}
 # A claim outlives the attempt's start-to-close timeout by this much: the time a run that the SDK
 # cancelled at its timeout may still take to record what it did, and clocks a little apart.
 CLAIM_LEASE_MARGIN = timedelta(seconds=5)
@@ -84,11 +83,10 @@ ClaimVerdict = Claimed | AlreadyDone | AlreadyRecorded | HeldElsewhere
 # The statements every step attempt runs, built once: building a statement costs more CPU than
 # running it (SQLAlchemy caches the compiled form, not the construction). Their parameters are
 # named b_* so that none is mistaken for a column to SET.
-STEP_ROW = (
-    select(Order, OrderStep)
-    .join(OrderStep, OrderStep.order_id == Order.id)
-    .where(Order.id == bindparam("b_order_id"), OrderStep.step == bindparam("b_step"))
+STEP_ROW = select(OrderStep).where(
+    OrderStep.order_id == bindparam("b_order_id"), OrderStep.step == bindparam("b_step")
 )
+ORDER_ROW = select(Order).where(Order.id == bindparam("b_order_id"))
 THIS_STEP = (
     OrderStep.order_id == bindparam("b_order_id"),
     OrderStep.step == bindparam("b_step"),
@@ -181,11 +179,11 @@ def attempt_key(input: StepInput, attempt: int) -> str:
     return f"{input.redrive_of or 0}.{attempt}"
 
 
-async def load_step(session: AsyncSession, order_id: str, step: str) -> tuple[Order, OrderStep]:
-    row = (await session.execute(STEP_ROW, {"b_order_id": order_id, "b_step": step})).first()
+async def load_step(session: AsyncSession, order_id: str, step: str) -> OrderStep:
+    row = await session.scalar(STEP_ROW, {"b_order_id": order_id, "b_step": step})
     if row is None:
         raise LookupError(f"order {order_id} has no step {step}")
-    return row[0], row[1]
+    return row
 
 
 async def claim_step(
@@ -199,38 +197,42 @@ async def claim_step(
     ended: Callable[[str], bool] = lambda _token: False,
     unanswered: Callable[[str, datetime], None] = lambda _token, _until: None,
 ) -> ClaimVerdict:
-    """What every step attempt does first: reads the order and the step (read-only, so on
-    SQLite it neither waits for writers nor holds them up), then claims the step for `lease`,
-    or says why it cannot. A live claim counts as held unless `ended` knows its run is over
-    (it ended in this process without the database to give it back). A claim whose write got
-    no answer may have been taken all the same: it is passed to `unanswered` before the error
-    goes on, so that `ended` knows it. A redrive's first attempt also marks its dead letter
-    `retrying`."""
+    """What every step attempt does first: claims the step for `lease` and reads the order, in
+    one transaction, if nobody holds the step (the usual case, so it is tried without reading
+    first); otherwise reads the step and says why it cannot, or claims it over what it read. A
+    live claim counts as held unless `ended` knows its run is over (it ended in this process
+    without the database to give it back). A claim whose write got no answer may have been
+    taken all the same: it is passed to `unanswered` before the error goes on, so that `ended`
+    knows it. A redrive's first attempt also marks its dead letter `retrying`."""
     key = attempt_key(input, attempt)
+    seen: OrderStep | None = None
     for _ in range(CLAIM_ROUNDS):
-        async with read_session(sessions) as session:
-            order, row = await load_step(session, input.order_id, step)
         now = utcnow()
-        if row.status == StepStatus.SUCCEEDED:
-            return AlreadyDone()
-        if row.recorded_attempt == key:
-            return AlreadyRecorded(
-                row.last_error or "", row.last_error_type or "StepFailed", row.last_error_permanent
-            )
-        until = row.claimed_until
-        if row.claim_token is not None and until and until > now and not ended(row.claim_token):
-            return HeldElsewhere(row.claim_attempt, row.claim_token, until)
         claim = Claim(uuid.uuid4().hex, key, worker, now, now + lease)
         try:
-            won = await _take_claim(sessions, input, step, attempt, row, claim)
+            order = await _take_claim(sessions, input, step, attempt, claim, seen)
         except Exception:
             # The commit may have landed with its answer lost on the way back: without this the
             # claim would hold the step, unknown to anyone, until its lease ran out.
             unanswered(claim.token, claim.until)
             raise
-        if won:
+        if order is not None:
             return Claimed(order, claim)
-        # Another attempt wrote the step between the read and the claim: read it again.
+        # Done, on record, held, or written since it was read: read it (read-only, so on SQLite
+        # this neither waits for writers nor holds them up) and say which.
+        async with read_session(sessions) as session:
+            seen = await load_step(session, input.order_id, step)
+        if seen.status == StepStatus.SUCCEEDED:
+            return AlreadyDone()
+        if seen.recorded_attempt == key:
+            return AlreadyRecorded(
+                seen.last_error or "",
+                seen.last_error_type or "StepFailed",
+                seen.last_error_permanent,
+            )
+        token, until = seen.claim_token, seen.claimed_until
+        if token is not None and until is not None and until > utcnow() and not ended(token):
+            return HeldElsewhere(seen.claim_attempt, token, until)
     return HeldElsewhere(None, None, utcnow())
 
 
@@ -239,33 +241,37 @@ async def _take_claim(
     input: StepInput,
     step: str,
     attempt: int,
-    row: OrderStep,
     claim: Claim,
-) -> bool:
-    """The compare-and-set of `claim` over the step as `row` read it; whether it won."""
+    seen: OrderStep | None,
+) -> Order | None:
+    """The compare-and-set of `claim` over the step as `seen` read it (None: held by nobody);
+    the order when it won, read in the same transaction."""
     async with sessions.begin() as session:
-        if input.redrive_of is not None and attempt == 1:
-            await mark_retrying(session, input.redrive_of)
-        won = await session.execute(
+        won = await _execute(
+            session,
             CLAIM_STEP,
             {
                 "b_order_id": input.order_id,
                 "b_step": step,
-                "b_seen_token": row.claim_token,
+                "b_seen_token": seen.claim_token if seen is not None else None,
                 "b_token": claim.token,
                 "b_attempt_key": claim.attempt,
                 "b_worker": claim.worker,
                 "b_now": claim.at,
                 "b_until": claim.until,
             },
-            execution_options=NO_SYNC,
         )
-        if _rowcount(won) != 1:
-            return False
-        if row.claim_token is not None:
+        if won != 1:
+            return None
+        if input.redrive_of is not None and attempt == 1:
+            await mark_retrying(session, input.redrive_of)
+        if seen is not None and seen.claim_token is not None:
             # Its lease ran out without an outcome: it may have sent the effect.
-            await _keep_interrupted(session, row, ClaimEnd.TAKEN_OVER, claim.at)
-        return True
+            await _keep_interrupted(session, seen, ClaimEnd.TAKEN_OVER, claim.at)
+        order = await session.scalar(ORDER_ROW, {"b_order_id": input.order_id})
+        if order is None:
+            raise LookupError(f"order {input.order_id} does not exist")
+        return order
 
 
 async def release_claim(
@@ -281,13 +287,14 @@ async def release_claim(
     another attempt took it over already (and kept it)."""
     now = utcnow()
     async with sessions.begin() as session:
-        released = await session.execute(
+        released = await _execute(
+            session,
             RELEASE_CLAIM,
             {"b_order_id": order_id, "b_step": step, "b_token": claim.token},
-            execution_options=NO_SYNC,
         )
-        if sent and _rowcount(released) == 1:
-            await session.execute(
+        if sent and released == 1:
+            await _execute(
+                session,
                 KEEP_INTERRUPTED,
                 {
                     "token": claim.token,
@@ -306,7 +313,8 @@ async def release_claim(
 async def _keep_interrupted(
     session: AsyncSession, row: OrderStep, ended: ClaimEnd, now: datetime
 ) -> None:
-    await session.execute(
+    await _execute(
+        session,
         KEEP_INTERRUPTED,
         {
             "token": row.claim_token,
@@ -336,7 +344,8 @@ async def record_failed_attempt(
     """The downstream refused or could not be reached: the attempt is counted, its failure kept
     for a second run of it to answer with, and its claim given back."""
     async with sessions.begin() as session:
-        await session.execute(
+        await _execute(
+            session,
             ATTEMPT_FAILED,
             {
                 "b_order_id": order_id,
@@ -349,7 +358,6 @@ async def record_failed_attempt(
                 "b_token": claim.token,
                 "b_now": utcnow(),
             },
-            execution_options=NO_SYNC,
         )
 
 
@@ -373,12 +381,17 @@ async def record_success(
         "b_now": now,
     }
     # A first-time success has no dead letter to resolve, which spares a statement.
-    first_time = await session.execute(FIRST_SUCCESS, params, execution_options=NO_SYNC)
-    if _rowcount(first_time) != 1:
-        await session.execute(STEP_SUCCEEDED, params, execution_options=NO_SYNC)
+    if await _execute(session, FIRST_SUCCESS, params) != 1:
+        await _execute(session, STEP_SUCCEEDED, params)
         await resolve_redriven(session, order_id, step, now)
     await refresh_order_status(session, order_id)
 
 
-def _rowcount(result: Any) -> int:
+async def _execute(session: AsyncSession, statement: Any, params: dict[str, Any]) -> int:
+    """Runs one of the statements above on the session's connection, as Core: no object in the
+    session holds these rows, and the ORM's execution path (its compile state, the rows'
+    synchronisation) cost more CPU than the statement itself (docs/benchmark-notes.md, seventh
+    round). Returns the rows it matched."""
+    connection = await session.connection()
+    result = await connection.execute(statement, params)
     return int(result.rowcount)

@@ -37,10 +37,14 @@ async def refresh_order_status(session: AsyncSession, order_id: str) -> str:
     # SELECT ... FOR UPDATE would read them from its snapshot taken before it waited.
     # Columns, not the Order entity: this runs on every step success, and building the entity
     # (its JSON items included) and flushing it cost more than the statements themselves.
-    order = (await session.execute(ORDER_STATUS_FOR_UPDATE, {"b_order_id": order_id})).first()
+    # On the connection, as Core: the ORM's execution path costs more than these reads. Core
+    # does not autoflush, so what the caller changed in the session is flushed first.
+    await session.flush()
+    connection = await session.connection()
+    order = (await connection.execute(ORDER_STATUS_FOR_UPDATE, {"b_order_id": order_id})).first()
     if order is None:
         raise LookupError(f"order {order_id} does not exist")
-    statuses = (await session.scalars(STEP_STATUSES, {"b_order_id": order_id})).all()
+    statuses = (await connection.execute(STEP_STATUSES, {"b_order_id": order_id})).scalars().all()
     status = overall_status(statuses, cancelled=order.cancelled_at is not None)
     if order.status != status:
         # Default synchronisation: an Order a caller holds in this session sees the new status.
