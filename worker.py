@@ -17,7 +17,6 @@ from datetime import timedelta
 from typing import Any
 
 import httpx
-import uvloop
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client
 from temporalio.worker import Worker
@@ -200,9 +199,7 @@ def main() -> None:
     configure_logging(settings)
     if settings.WORKER_NICENESS:
         os.nice(settings.WORKER_NICENESS)
-    loop_factory = uvloop.new_event_loop if settings.WORKER_EVENT_LOOP == "uvloop" else None
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(run(settings))
+    asyncio.run(run(settings))
 
 
 if __name__ == "__main__":

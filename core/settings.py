@@ -114,9 +114,6 @@ class Settings(BaseSettings):
     # Added to the worker process's niceness at start: on a host it shares with the API, the
     # customers' requests come first and the backlog waits (0 keeps the worker's priority).
     WORKER_NICENESS: int = Field(default=10, ge=0, le=19)
-    # The worker's event loop: uvloop spends less of the one core a worker has on the loop
-    # itself (docs/benchmark-notes.md, seventh round); asyncio is the standard library's.
-    WORKER_EVENT_LOOP: Literal["uvloop", "asyncio"] = "asyncio"
     WORKER_MAX_CACHED_WORKFLOWS: int = Field(default=1000, ge=0)
     WORKER_MAX_TASK_QUEUE_ACTIVITIES_PER_SECOND: float | None = Field(default=None, gt=0)
     WORKER_GRACEFUL_SHUTDOWN_SECONDS: float = Field(default=30.0, ge=0)
