@@ -12,10 +12,16 @@ from fastapi import Request, Response
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import WorkflowUpdateFailedError
-from temporalio.testing import WorkflowEnvironment
+from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 from temporalio.worker import Worker
 
-from core.contracts import ORDER_STATUS_ATTRIBUTE, RetryStepInput, StepCommandResult
+from activities.dead_letters import DeadLetterActivities
+from core.contracts import (
+    ORDER_STATUS_ATTRIBUTE,
+    DeadLetterInput,
+    RetryStepInput,
+    StepCommandResult,
+)
 from core.ledger import record_success
 from core.models import DeadLetter
 from core.settings import Settings
@@ -223,3 +229,32 @@ async def test_a_step_that_succeeded_meanwhile_is_not_parked(
             await session.scalars(select(DeadLetter).where(DeadLetter.order_id == order_id))
         ).all()
     assert letters == []
+
+
+async def test_a_redelivered_dead_letter_answers_with_the_first_and_opens_no_second(
+    settings: Settings, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    """record_dead_letter delivered twice for one occurrence (its first answer lost): the
+    second delivery returns the first's letter, and the step has one open letter, not two."""
+    async with api_client(settings) as api:
+        order_id = await place_order(api)
+    letter = DeadLetterInput(
+        order_id=order_id,
+        step="notify_warehouse",
+        occurrence=1,
+        error_type="WarehouseRejected",
+        error_message="warehouse answered 400",
+        permanent=True,
+        workflow_id=order_id,
+        run_id="run-1",
+    )
+    activities = DeadLetterActivities(sessions)
+    first = await ActivityEnvironment().run(activities.record_dead_letter, letter)
+    again = await ActivityEnvironment().run(activities.record_dead_letter, letter)
+
+    assert again == first
+    async with sessions() as session:
+        letters = (
+            await session.scalars(select(DeadLetter).where(DeadLetter.order_id == order_id))
+        ).all()
+    assert [(each.id, each.status) for each in letters] == [(first.dead_letter_id, "open")]
