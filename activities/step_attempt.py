@@ -10,8 +10,9 @@ The order of the moves is the guarantee, so it lives here once:
 - a run that ends without an outcome to record (an error, a cancel) gives its claim back (kept
   among the interrupted claims); only a process that dies leaves its claim to expire with the
   lease, and the attempt that takes it over keeps it there;
-- success is recorded only after the downstream accepted the effect, and always once it did,
-  even when the attempt is cancelled meanwhile (the record is shielded);
+- once the effect is sent, the send and its record run to the end even when the attempt is
+  cancelled meanwhile (a cancel waits for them): success is recorded only after the downstream
+  accepted the effect, and always once it did;
 - a failure is recorded, with the claim given back, before it is raised."""
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from contextlib import suppress
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -42,6 +45,7 @@ from core.ledger import (
     CLAIM_LEASE_MARGIN,
     AlreadyDone,
     AlreadyRecorded,
+    Claim,
     HeldElsewhere,
     attempt_key,
 )
@@ -107,53 +111,58 @@ class StepAttempts(Generic[Prepared]):
         if isinstance(verdict, HeldElsewhere):
             raise step_claimed(self._step, input, attempt, verdict)
         claim = verdict.claim
-        recorded = sending = False
+        run = _Run()
         try:
             prepared = self._effect.prepare(verdict.order, claim.token)
             if prepared is None:
-                recorded = True
+                run.recorded = True
                 await asyncio.shield(self._ledger.release(input, claim, sent=False))
                 return StepResult(input.order_id, self._step, StepOutcome.SKIPPED)
             await self._checkpoint(BEFORE_EFFECT)
-            sending = True
-            try:
-                with side_effect_timer(self._step):
-                    outcome = await self._effect.perform(prepared, attempt)
-            except StepRefused as refused:
-                failed = refused
-            else:
-                # A crash from here until the record is the window that remains: the retry finds
-                # the claim expired and performs the effect again, under the same key.
-                await self._checkpoint(AFTER_EFFECT)
-                await asyncio.shield(
-                    self._ledger.succeeded(
-                        input, attempt, claim, outcome, recording=f"recording {self._step}"
-                    )
-                )
-                recorded = True
-                await self._checkpoint(AFTER_RECORD)
-                return StepResult(input.order_id, self._step, StepOutcome.PERFORMED)
-            # Recorded after the except clause (see StepLedger.failed), raised from its cause.
-            failure = failed.failure
-            await asyncio.shield(
-                self._ledger.failed(
-                    input,
-                    attempt,
-                    claim,
-                    error=failure.message,
-                    error_type=failure.type or type(failure).__name__,
-                    permanent=failure.non_retryable,
-                )
+            run.sending = True
+            return await _seen_through(
+                asyncio.ensure_future(self._send(input, attempt, claim, prepared, run))
             )
-            recorded = True
-            raise failure from failed.__cause__
         except BaseException:
             # Whatever ended this run (an error, a cancel) before it recorded an outcome, it no
             # longer runs: its claim is given back rather than left to expire. Only a process
             # that dies (or loses its database) leaves a claim to its lease.
-            if not recorded:
-                await asyncio.shield(self._ledger.release(input, claim, sent=sending))
+            if not run.recorded:
+                await asyncio.shield(self._ledger.release(input, claim, sent=run.sending))
             raise
+
+    async def _send(
+        self, input: StepInput, attempt: int, claim: Claim, prepared: Prepared, run: _Run
+    ) -> StepResult:
+        """Performs the effect and records what the downstream said: one piece, which a cancel
+        does not cut (`_seen_through`)."""
+        try:
+            with side_effect_timer(self._step):
+                outcome = await self._effect.perform(prepared, attempt)
+        except StepRefused as refused:
+            failed = refused
+        else:
+            # A crash from here until the record is the window that remains: the retry finds
+            # the claim expired and performs the effect again, under the same key.
+            await self._checkpoint(AFTER_EFFECT)
+            await self._ledger.succeeded(
+                input, attempt, claim, outcome, recording=f"recording {self._step}"
+            )
+            run.recorded = True
+            await self._checkpoint(AFTER_RECORD)
+            return StepResult(input.order_id, self._step, StepOutcome.PERFORMED)
+        # Recorded after the except clause (see StepLedger.failed), raised from its cause.
+        failure = failed.failure
+        await self._ledger.failed(
+            input,
+            attempt,
+            claim,
+            error=failure.message,
+            error_type=failure.type or type(failure).__name__,
+            permanent=failure.non_retryable,
+        )
+        run.recorded = True
+        raise failure from failed.__cause__
 
     def _lease(self) -> timedelta:
         """As long as this attempt may run, and a margin: its start-to-close timeout."""
@@ -171,6 +180,32 @@ class StepAttempts(Generic[Prepared]):
         return self._backoff.retryable(
             recorded.error, error_type=recorded.error_type, attempt=attempt
         )
+
+
+@dataclass
+class _Run:
+    """How far one run of an attempt got: whether it began sending, and whether its outcome is
+    recorded (its claim given back with it)."""
+
+    sending: bool = False
+    recorded: bool = False
+
+
+async def _seen_through(send: asyncio.Future[StepResult]) -> StepResult:
+    """Awaits a send that has begun. A cancel (the attempt's timeout, the workflow task that ran
+    it timing out, the worker stopping) does not cut it: the downstream may have taken the effect
+    already, and only its answer, recorded, lets the next run answer with it instead of sending
+    again (a cut send gave its claim back, and the next run sent the effect a second time). The
+    send ends within its downstream's own timeout; then the cancel goes on."""
+    try:
+        return await asyncio.shield(send)
+    except asyncio.CancelledError:
+        while not send.done():
+            with suppress(asyncio.CancelledError):
+                await asyncio.wait([send])
+        if not send.cancelled():
+            send.exception()  # retrieved: the cancel is what this run ends with
+        raise
 
 
 def step_claimed(

@@ -20,13 +20,14 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import Request, Response
 from pydantic import SecretStr
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio import activity
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
-from temporalio.testing import WorkflowEnvironment
+from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 from temporalio.worker import Worker
 
 from activities.checkpoint import (
@@ -36,17 +37,25 @@ from activities.checkpoint import (
     CRASH_POINTS,
     Checkpoint,
 )
-from activities.retry import STEP_CLAIMED
+from activities.retry import STEP_CLAIMED, Backoff
 from activities.smtp import SmtpMailer
-from core.contracts import STEPS
+from activities.warehouse import WarehouseActivities
+from core.contracts import STEPS, StepInput
 from core.db import create_engine, create_sessionmaker
 from core.ledger import ATTEMPT_HEADER
 from core.models import DeadLetter, InterruptedClaim, OrderStep, StepStatus
 from core.settings import Settings
+from core.states import StepOutcome
 from core.temporal import connect_temporal
 from devsinks.smtp import MailSink
 from devsinks.warehouse import WarehouseReceiver
-from tests.conftest import ROOT, api_client, running_worker
+from tests.conftest import (
+    ROOT,
+    WEBHOOK_SECRET,
+    api_client,
+    running_worker,
+    serving_warehouse,
+)
 from tests.support import order_body, place_order, wait_for_order_status, wait_until
 from tests.tcp_proxy import tcp_proxy
 from worker import create_activities
@@ -528,3 +537,47 @@ async def workflow_worker(
 
 if __name__ == "__main__":
     asyncio.run(_doomed_worker())
+
+
+class ArrivalsReceiver(WarehouseReceiver):
+    """A warehouse that notes each call as it arrives, before its answer (which its faults may
+    delay), so a test can act while a call is in flight."""
+
+    def __init__(self) -> None:
+        super().__init__(WEBHOOK_SECRET.encode())
+        self.arrivals = 0
+
+    async def receive(self, request: Request) -> Response:
+        self.arrivals += 1
+        return await super().receive(request)
+
+
+async def test_a_run_cancelled_while_its_effect_is_in_flight_sees_it_through(
+    settings: Settings, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    """The attempt is cancelled (as when the workflow task running it times out) while the
+    warehouse holds its call: the run still takes the answer and records it, so the next run
+    finds the step done instead of calling again. (A run cut there gave its claim back, and the
+    next run delivered the webhook a second time.)"""
+    receiver = ArrivalsReceiver()
+    receiver.faults.configure(latency_ms=1500)
+    async with serving_warehouse(receiver) as url, httpx.AsyncClient() as http:
+        slow = settings.model_copy(update={"WAREHOUSE_WEBHOOK_URL": url})
+        async with api_client(slow) as api:
+            order_id = await place_order(api)
+        steps = WarehouseActivities(sessions, http, Backoff(slow), slow)
+        environment = ActivityEnvironment()
+        first = asyncio.create_task(environment.run(steps.notify_warehouse, StepInput(order_id)))
+        await wait_until(lambda: receiver.arrivals == 1, message="the call in flight")
+        environment.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        again = await ActivityEnvironment().run(
+            steps.notify_warehouse, StepInput(order_id, attempt_offset=1)
+        )
+
+    assert again.outcome == StepOutcome.ALREADY_DONE
+    assert [d.answered for d in receiver.deliveries_for(order_id)] == [202]
+    async with sessions() as session:
+        step = await session.get(OrderStep, (order_id, WAREHOUSE))
+    assert step is not None and step.status == StepStatus.SUCCEEDED
