@@ -197,9 +197,9 @@ async def claim_step(
     ended: Callable[[str], bool] = lambda _token: False,
     unanswered: Callable[[str, datetime], None] = lambda _token, _until: None,
 ) -> ClaimVerdict:
-    """What every step attempt does first: claims the step for `lease` and reads the order, in
-    one transaction, if nobody holds the step (the usual case, so it is tried without reading
-    first); otherwise reads the step and says why it cannot, or claims it over what it read. A
+    """What every step attempt does first: claims the step for `lease` if nobody holds it (the
+    usual case, so it is tried without reading first), then reads the order; otherwise reads the
+    step and says why it cannot, or claims it over what it read. A
     live claim counts as held unless `ended` knows its run is over (it ended in this process
     without the database to give it back). A claim whose write got no answer may have been
     taken all the same: it is passed to `unanswered` before the error goes on, so that `ended`
@@ -210,10 +210,15 @@ async def claim_step(
         now = utcnow()
         claim = Claim(uuid.uuid4().hex, key, worker, now, now + lease)
         try:
-            order = await _take_claim(sessions, input, step, attempt, claim, seen)
+            won = await _take_claim(sessions, input, step, attempt, claim, seen)
+            # Read after the claim's commit, not inside it: on SQLite the claim holds the file's
+            # one write lock, which the API's intake waits for (with this read under the lock a
+            # rush's 202 p50 was 2.1 times its floor; docs/benchmark-notes.md, seventh round).
+            order = await _read_order(sessions, input.order_id) if won else None
         except Exception:
-            # The commit may have landed with its answer lost on the way back: without this the
-            # claim would hold the step, unknown to anyone, until its lease ran out.
+            # The commit may have landed with its answer lost on the way back, or the read after
+            # it failed: without this the claim would hold the step, unknown to anyone, until
+            # its lease ran out.
             unanswered(claim.token, claim.until)
             raise
         if order is not None:
@@ -243,9 +248,9 @@ async def _take_claim(
     attempt: int,
     claim: Claim,
     seen: OrderStep | None,
-) -> Order | None:
+) -> bool:
     """The compare-and-set of `claim` over the step as `seen` read it (None: held by nobody);
-    the order when it won, read in the same transaction."""
+    whether it won."""
     async with sessions.begin() as session:
         won = await _execute(
             session,
@@ -262,16 +267,21 @@ async def _take_claim(
             },
         )
         if won != 1:
-            return None
+            return False
         if input.redrive_of is not None and attempt == 1:
             await mark_retrying(session, input.redrive_of)
         if seen is not None and seen.claim_token is not None:
             # Its lease ran out without an outcome: it may have sent the effect.
             await _keep_interrupted(session, seen, ClaimEnd.TAKEN_OVER, claim.at)
-        order = await session.scalar(ORDER_ROW, {"b_order_id": input.order_id})
-        if order is None:
-            raise LookupError(f"order {input.order_id} does not exist")
-        return order
+        return True
+
+
+async def _read_order(sessions: async_sessionmaker[AsyncSession], order_id: str) -> Order:
+    async with read_session(sessions) as session:
+        order = await session.scalar(ORDER_ROW, {"b_order_id": order_id})
+    if order is None:
+        raise LookupError(f"order {order_id} does not exist")
+    return order
 
 
 async def release_claim(
