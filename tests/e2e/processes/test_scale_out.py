@@ -7,7 +7,6 @@ import signal
 from datetime import timedelta
 from pathlib import Path
 
-import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.api.enums.v1 import RateLimitSource, TaskQueueType
@@ -17,7 +16,7 @@ from core.admission import LagGatedSlots
 from core.settings import Settings
 from devsinks.smtp import MailSink
 from devsinks.warehouse import WarehouseReceiver
-from tests.conftest import running_worker
+from tests.conftest import api_client, running_worker
 from tests.support import (
     new_key,
     order_body,
@@ -81,32 +80,39 @@ async def test_worker_tuning_comes_from_the_settings(
 async def test_a_worker_killed_mid_activity_leaves_the_order_to_another(
     env: WorkflowEnvironment,
     settings: Settings,
-    api: httpx.AsyncClient,
     warehouse: WarehouseReceiver,
     mail: MailSink,
     tmp_path: Path,
 ) -> None:
-    with worker_processes(
-        2, settings, tmp_path, STEP_ATTEMPT_TIMEOUT_SECONDS=ATTEMPT_TIMEOUT_SECONDS
-    ) as workers:
-        await wait_until_polling(workers)
-        # The warehouse takes far longer than an attempt may: the call is in flight at the kill.
-        warehouse.faults.configure(latency_ms=8_000)
-        body = order_body()
-        placed = await api.post("/orders", json=body, headers={"Idempotency-Key": new_key()})
-        assert placed.status_code == 202, placed.text
-        order_id = placed.json()["order_id"]
+    # The retry policy travels in the workflow's input: the starter's settings set it. Every
+    # attempt an activity task, so the call in flight at the kill is one (a local first attempt
+    # sees a call it has begun through to its answer, in the workflow task's worker).
+    short = settings.model_copy(
+        update={
+            "STEP_ATTEMPT_TIMEOUT_SECONDS": ATTEMPT_TIMEOUT_SECONDS,
+            "STEP_FIRST_ATTEMPT": "activity",
+        }
+    )
+    with worker_processes(2, short, tmp_path) as workers:
+        async with api_client(short) as api:
+            await wait_until_polling(workers)
+            # The warehouse takes far longer than an attempt may: the call is in flight at the kill.
+            warehouse.faults.configure(latency_ms=8_000)
+            body = order_body()
+            placed = await api.post("/orders", json=body, headers={"Idempotency-Key": new_key()})
+            assert placed.status_code == 202, placed.text
+            order_id = placed.json()["order_id"]
 
-        busy = await running_activity(env.client, order_id, "notify_warehouse")
-        [victim] = [worker for worker in workers if worker.identity == busy]
-        [survivor] = [worker for worker in workers if worker is not victim]
-        victim.signal(signal.SIGKILL)
-        assert await victim.exited() == -signal.SIGKILL
-        warehouse.faults.reset()
+            busy = await running_activity(env.client, order_id, "notify_warehouse")
+            [victim] = [worker for worker in workers if worker.identity == busy]
+            [survivor] = [worker for worker in workers if worker is not victim]
+            victim.signal(signal.SIGKILL)
+            assert await victim.exited() == -signal.SIGKILL
+            warehouse.faults.reset()
 
-        order = await wait_for_order_status(api, order_id, "completed")
-        await wait_for_workflow_closed(env.client, order_id)
-        assert survivor.process.poll() is None, survivor.output()
+            order = await wait_for_order_status(api, order_id, "completed")
+            await wait_for_workflow_closed(env.client, order_id)
+            assert survivor.process.poll() is None, survivor.output()
 
     steps = {step["step"]: step for step in order["steps"]}
     assert steps["notify_warehouse"]["status"] == "succeeded"

@@ -12,12 +12,12 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-import httpx
 import pytest
 from temporalio.testing import WorkflowEnvironment
 
 from core.settings import Settings
 from devsinks.warehouse import WarehouseReceiver
+from tests.conftest import api_client
 from tests.support import (
     place_order,
     wait_for_order_status,
@@ -50,38 +50,37 @@ def assert_clean_stop(worker: WorkerProcess) -> None:
 async def test_sigterm_lets_the_running_activity_finish_and_stops_taking_work(
     env: WorkflowEnvironment,
     settings: Settings,
-    api: httpx.AsyncClient,
     warehouse: WarehouseReceiver,
     tmp_path: Path,
 ) -> None:
+    # The retry policy travels in the workflow's input: the starter's settings set it.
+    every_attempt_a_task = settings.model_copy(
+        update={"STEP_ATTEMPT_TIMEOUT_SECONDS": 30, "STEP_FIRST_ATTEMPT": "activity"}
+    )
     with worker_processes(
-        2,
-        settings,
-        tmp_path,
-        STEP_ATTEMPT_TIMEOUT_SECONDS=30,
-        WORKER_GRACEFUL_SHUTDOWN_SECONDS=20,
-        STEP_FIRST_ATTEMPT="activity",
+        2, every_attempt_a_task, tmp_path, WORKER_GRACEFUL_SHUTDOWN_SECONDS=20
     ) as workers:
-        await wait_until_polling(workers)
-        warehouse.faults.configure(latency_ms=3_000)
-        first = await place_order(api)
-        busy = await running_activity(env.client, first, "notify_warehouse")
-        [stopping] = [worker for worker in workers if worker.identity == busy]
-        [other] = [worker for worker in workers if worker is not stopping]
+        async with api_client(every_attempt_a_task) as api:
+            await wait_until_polling(workers)
+            warehouse.faults.configure(latency_ms=3_000)
+            first = await place_order(api)
+            busy = await running_activity(env.client, first, "notify_warehouse")
+            [stopping] = [worker for worker in workers if worker.identity == busy]
+            [other] = [worker for worker in workers if worker is not stopping]
 
-        stopping.signal(signal.SIGTERM)
-        await wait_until(
-            lambda: "shutting down" in stopping.output(), within=30, message="shutdown begun"
-        )
-        # Placed while the stopping worker still finishes its call: only the other may take it.
-        second = await place_order(api)
+            stopping.signal(signal.SIGTERM)
+            await wait_until(
+                lambda: "shutting down" in stopping.output(), within=30, message="shutdown begun"
+            )
+            # Placed while the stopping worker still finishes its call: only the other may take it.
+            second = await place_order(api)
 
-        assert await stopping.exited() == 0, stopping.output()
-        await wait_for_order_status(api, first, "completed")
-        await wait_for_order_status(api, second, "completed")
-        await wait_for_workflow_closed(env.client, first)
-        await wait_for_workflow_closed(env.client, second)
-        assert other.process.poll() is None, other.output()
+            assert await stopping.exited() == 0, stopping.output()
+            await wait_for_order_status(api, first, "completed")
+            await wait_for_order_status(api, second, "completed")
+            await wait_for_workflow_closed(env.client, first)
+            await wait_for_workflow_closed(env.client, second)
+            assert other.process.poll() is None, other.output()
 
     assert_clean_stop(stopping)
     # The activity in flight at SIGTERM finished where it ran, in its first attempt.
@@ -104,33 +103,34 @@ async def test_sigterm_lets_the_running_activity_finish_and_stops_taking_work(
 async def test_an_activity_longer_than_the_grace_period_is_retried_by_another_worker(
     env: WorkflowEnvironment,
     settings: Settings,
-    api: httpx.AsyncClient,
     warehouse: WarehouseReceiver,
     tmp_path: Path,
 ) -> None:
+    # The retry policy travels in the workflow's input: the starter's settings set it. A call
+    # that has begun is seen through past the grace period and recorded; the server retries the
+    # attempt once its start-to-close timeout has passed, longer than the warehouse's 6 s.
+    every_attempt_a_task = settings.model_copy(
+        update={"STEP_ATTEMPT_TIMEOUT_SECONDS": 10, "STEP_FIRST_ATTEMPT": "activity"}
+    )
     with worker_processes(
-        2,
-        settings,
-        tmp_path,
-        STEP_ATTEMPT_TIMEOUT_SECONDS=30,
-        WORKER_GRACEFUL_SHUTDOWN_SECONDS=1,
-        STEP_FIRST_ATTEMPT="activity",
+        2, every_attempt_a_task, tmp_path, WORKER_GRACEFUL_SHUTDOWN_SECONDS=1
     ) as workers:
-        await wait_until_polling(workers)
-        warehouse.faults.configure(latency_ms=6_000)
-        order_id = await place_order(api)
-        busy = await running_activity(env.client, order_id, "notify_warehouse")
-        [stopping] = [worker for worker in workers if worker.identity == busy]
-        [other] = [worker for worker in workers if worker is not stopping]
+        async with api_client(every_attempt_a_task) as api:
+            await wait_until_polling(workers)
+            warehouse.faults.configure(latency_ms=6_000)
+            order_id = await place_order(api)
+            busy = await running_activity(env.client, order_id, "notify_warehouse")
+            [stopping] = [worker for worker in workers if worker.identity == busy]
+            [other] = [worker for worker in workers if worker is not stopping]
 
-        stopping.signal(signal.SIGTERM)
-        await wait_until(
-            lambda: "shutting down" in stopping.output(), within=30, message="shutdown begun"
-        )
-        # The warehouse stays slow: whenever the call went out, it outlasts the grace period.
-        assert await stopping.exited() == 0, stopping.output()
-        order = await wait_for_order_status(api, order_id, "completed")
-        await wait_for_workflow_closed(env.client, order_id)
+            stopping.signal(signal.SIGTERM)
+            await wait_until(
+                lambda: "shutting down" in stopping.output(), within=30, message="shutdown begun"
+            )
+            # The warehouse stays slow: whenever the call went out, it outlasts the grace period.
+            assert await stopping.exited() == 0, stopping.output()
+            order = await wait_for_order_status(api, order_id, "completed")
+            await wait_for_workflow_closed(env.client, order_id)
 
     assert "worker stopped" in stopping.output()
     steps = {step["step"]: step for step in order["steps"]}
@@ -140,7 +140,8 @@ async def test_an_activity_longer_than_the_grace_period_is_retried_by_another_wo
         for run in await activity_runs(env.client, order_id)
         if run.activity == "notify_warehouse"
     ]
-    # Cut off at the end of the grace period, the attempt was retried by the other worker.
+    # The stopping worker saw its call through and recorded it; the retry, by the other
+    # worker, found the step done.
     assert (warehouse_run.started_by, warehouse_run.outcome) == (other.identity, "completed"), (
         warehouse_run,
         stopping.output(),
